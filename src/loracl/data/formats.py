@@ -1,0 +1,331 @@
+"""On-disk task formats: the `Example`/`Task` types and one loader per format.
+
+Every loader returns the task's full train and test splits with `validation=[]`; `load_benchmark` applies
+caps and carves validation. Problems with a file raise a one-line DataError naming the file and, where it
+applies, the bad record: `example N` / `instance N` is the 0-based position in a JSON list, `line N` the
+1-based line of a JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loracl.data.paths import find_named, require_dir, subdirs
+from loracl.errors import DataError
+
+EXACT_MATCH = "exact_match"
+ROUGE_L = "rouge_l"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and its reference answers; `answers[0]` is the training target."""
+
+    prompt: str
+    answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.answers:
+            raise ValueError("an Example needs at least one answer")
+
+
+@dataclass
+class Task:
+    """One task of a continual-learning sequence."""
+
+    name: str
+    train: list[Example]
+    test: list[Example]
+    validation: list[Example]
+    labels: list[str] | None  # closed label set of a classification task, else None
+    metric: str  # EXACT_MATCH or ROUGE_L
+    source: str  # the folder or file it was read from
+
+
+# --- reading and validating JSON -------------------------------------------------------------------------
+
+Items = list[tuple[str, Any]]  # (location used in error messages, decoded record)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {str: "string", int: "number", float: "number", list: "list", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return "an empty string" if value == "" else "a blank string"
+    return _json_type(value)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a byte-order mark, reject anything that is not UTF-8
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def read_json(path: Path) -> Any:
+    """Decode a whole JSON file, reporting syntax errors with their line and column."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def _json_list_items(path: Path) -> Items:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: top level must be a JSON list of examples, got {_json_type(data)}")
+    return [(f"{path}: example {i}", record) for i, record in enumerate(data)]
+
+
+def _jsonl_items(path: Path) -> Items:
+    items: Items = []
+    # Split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON strings may hold raw.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"{path}: line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    return items
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{what} must be a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _field(record: dict[str, Any], key: str, where: str) -> Any:
+    if key not in record:
+        raise DataError(f"{where} has no '{key}' field")
+    return record[key]
+
+
+def _answers(value: Any, where: str, key: str, allow_list: bool) -> tuple[str, ...]:
+    if allow_list and isinstance(value, list):
+        if not value:
+            raise DataError(f"{where}: field '{key}' is an empty list")
+        return tuple(_text(item, f"{where}: field '{key}' item {j}") for j, item in enumerate(value))
+    return (_text(value, f"{where}: field '{key}'"),)
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """Which record fields hold the prompt text and the answer(s)."""
+
+    prompt: str
+    answer: str
+    answer_list_ok: bool = False
+
+
+_PROMPT_ANSWER = _Fields("prompt", "answer")
+_JSONL_FIELDS = _Fields("prompt", "answer", answer_list_ok=True)
+_OLORA_FIELDS = _Fields("sentence", "label")
+_SUPERNI_FIELDS = _Fields("input", "output", answer_list_ok=True)
+
+
+def _parse_split(
+    items: Items,
+    path: Path,
+    fields: _Fields,
+    labels: Sequence[str] | None = None,
+    make_prompt: Callable[[str], str] = str,
+) -> list[Example]:
+    """Validate every record, build the examples, and check them against `labels`."""
+    examples = []
+    for where, record in items:
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is not a JSON object (got {_json_type(record)})")
+        text = _text(_field(record, fields.prompt, where), f"{where}: field '{fields.prompt}'")
+        answers = _answers(_field(record, fields.answer, where), where, fields.answer, fields.answer_list_ok)
+        examples.append(Example(make_prompt(text), answers))
+    if not examples:
+        raise DataError(f"{path}: no examples (the split is empty)")
+    if labels is not None:
+        _warn_unknown_answers(examples, labels, path)
+    return examples
+
+
+def _warn_unknown_answers(examples: list[Example], labels: Sequence[str], path: Path) -> None:
+    # Kept rather than rejected: such examples are still trainable, but the label set looks out of sync.
+    allowed = set(labels)
+    bad = sum(1 for ex in examples if any(answer not in allowed for answer in ex.answers))
+    if bad:
+        message = f"{path}: {bad} of {len(examples)} examples have an answer not in labels.json"
+        warnings.warn(message, stacklevel=2)
+
+
+def _read_splits(
+    task_dir: Path,
+    suffix: str,
+    read_items: Callable[[Path], Items],
+    fields: _Fields,
+    labels: Sequence[str] | None,
+    make_prompt: Callable[[str], str] = str,
+) -> tuple[list[Example], list[Example]]:
+    """The train and test splits of a task folder (`train<suffix>`, `test<suffix>`)."""
+    paths = (task_dir / f"train{suffix}", task_dir / f"test{suffix}")
+    train, test = (_parse_split(read_items(p), p, fields, labels, make_prompt) for p in paths)
+    return train, test
+
+
+def read_labels(path: Path) -> list[str]:
+    """A labels.json file: a non-empty JSON list of non-empty strings."""
+    data = read_json(path)
+    if not isinstance(data, list) or not data:
+        got = "an empty list" if data == [] else _json_type(data)
+        raise DataError(f"{path}: labels must be a non-empty JSON list of strings, got {got}")
+    return [_text(label, f"{path}: label {i}") for i, label in enumerate(data)]
+
+
+# --- cl_benchmark: <dir>/<Task>/{train,test,labels}.json with ready-made prompts -------------------------
+
+
+def load_cl_benchmark_task(task_dir: Path) -> Task:
+    """One task of the shared `cl_benchmark` layout (prompts already hold instruction and options)."""
+    task_dir = require_dir(Path(task_dir), "task folder")
+    labels = read_labels(task_dir / "labels.json")
+    train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, labels)
+    return Task(task_dir.name, train, test, [], labels, EXACT_MATCH, str(task_dir))
+
+
+# --- olora: upstream O-LoRA CL_Benchmark, <root>/<Category>/<task>/{train,dev,test,labels}.json -----------
+
+# O-LoRA's configs/instruction_config_cl.json, keyed by category folder (lower-cased).
+_OLORA_INSTRUCTIONS = {
+    "nli": 'What is the logical relationship between the "sentence 1" and the "sentence 2"? '
+    "Choose one from the option.\n",
+    "qqp": 'Whether the "first sentence" and the "second sentence" have the same meaning? '
+    "Choose one from the option.\n",
+    "sc": "What is the sentiment of the following paragraph? Choose one from the option.\n",
+    "tc": "What is the topic of the following paragraph? Choose one from the option.\n",
+    "boolqa": "According to the following passage, is the question true or false? "
+    "Choose one from the option.\n",
+    "multirc": "According to the following passage and question, is the candidate answer true or false? "
+    "Choose one from the option.\n",
+    "wic": "Given a word and two sentences, whether the word is used with the same sense in both sentence? "
+    "Choose one from the option.\n",
+}
+# A user's own category gets the generic tail of the upstream instructions.
+_OLORA_FALLBACK_INSTRUCTION = "Choose one from the option.\n"
+# COPA sentences already hold the question and both choices: upstream adds neither instruction nor options.
+_OLORA_BARE_CATEGORIES = {"copa"}
+
+
+def olora_prompt(category: str, labels: Sequence[str], sentence: str) -> str:
+    """Build the prompt O-LoRA builds (and the shared cl_benchmark stores) for one sentence."""
+    if category.lower() in _OLORA_BARE_CATEGORIES:
+        return f"{sentence}\nAnswer:"
+    instruction = _OLORA_INSTRUCTIONS.get(category.lower(), _OLORA_FALLBACK_INSTRUCTION)
+    return f"{instruction}Option: {', '.join(labels)} \n{sentence}\nAnswer:"
+
+
+def _find_olora_task(root: Path, name: str) -> Path:
+    require_dir(root, "O-LoRA CL_Benchmark folder")
+    candidates = [(task.name, task) for category in subdirs(root) for task in subdirs(category)]
+    return find_named(name, candidates, root, "O-LoRA task")
+
+
+def load_olora_task(root: Path, name: str) -> Task:
+    """Task `name` of an upstream O-LoRA `CL_Benchmark` folder, searched in every category folder.
+
+    dev.json is ignored: upstream it repeats test.json; validation is carved from train instead.
+    """
+    task_dir = _find_olora_task(Path(root), name)
+    category = task_dir.parent.name
+    labels = read_labels(task_dir / "labels.json")
+
+    def make_prompt(sentence: str) -> str:
+        return olora_prompt(category, labels, sentence)
+
+    train, test = _read_splits(task_dir, ".json", _json_list_items, _OLORA_FIELDS, labels, make_prompt)
+    return Task(task_dir.name, train, test, [], labels, EXACT_MATCH, str(task_dir))
+
+
+# --- superni: one Super-NaturalInstructions task file, split here -------------------------------------------
+
+_MAX_CLASSIFICATION_LABELS = 10
+
+
+def _superni_definition(data: dict[str, Any], path: Path) -> str:
+    definition = _field(data, "Definition", f"{path}: the task object")
+    if isinstance(definition, list) and definition:
+        definition = definition[0]
+    return _text(definition, f"{path}: 'Definition'").strip()
+
+
+def _superni_labels(examples: list[Example]) -> list[str] | None:
+    """The label set if the task looks like classification (few distinct single outputs), else None."""
+    if any(len(ex.answers) != 1 for ex in examples):
+        return None
+    distinct = {ex.answers[0] for ex in examples}
+    if len(distinct) <= _MAX_CLASSIFICATION_LABELS and len(distinct) < len(examples) / 2:
+        return sorted(distinct)
+    return None
+
+
+def _split_test(examples: list[Example], test_size: int, seed: int, path: Path) -> tuple[list, list]:
+    if test_size < 1:
+        raise DataError(f"{path}: test_size must be at least 1, got {test_size}")
+    if len(examples) < 2:
+        raise DataError(f"{path}: needs at least 2 instances to split into train and test, has 1")
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    n_test = max(1, min(test_size, len(shuffled) // 2))
+    return shuffled[n_test:], shuffled[:n_test]
+
+
+def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Task:
+    """A Super-NaturalInstructions task file, split deterministically into train and test."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a JSON object (a SuperNI task), got {_json_type(data)}")
+    definition = _superni_definition(data, path)
+    instances = _field(data, "Instances", f"{path}: the task object")
+    if not isinstance(instances, list):
+        raise DataError(f"{path}: 'Instances' must be a JSON list, got {_json_type(instances)}")
+    items = [(f"{path}: instance {i}", record) for i, record in enumerate(instances)]
+
+    def make_prompt(text: str) -> str:
+        return f"Definition: {definition}\n\nInput: {text}\nOutput:"
+
+    examples = _parse_split(items, path, _SUPERNI_FIELDS, make_prompt=make_prompt)
+    labels = _superni_labels(examples)
+    train, test = _split_test(examples, test_size, seed, path)
+    metric = EXACT_MATCH if labels is not None else ROUGE_L
+    return Task(path.stem, train, test, [], labels, metric, str(path))
+
+
+# --- jsonl: a user's own tasks, <dir>/<task>/{train,test}.jsonl [+ labels.json] ----------------------------
+
+
+def load_jsonl_task(task_dir: Path) -> Task:
+    """A user's task folder; exact match when it has labels.json (a closed label set), else ROUGE-L."""
+    task_dir = require_dir(Path(task_dir), "task folder")
+    labels_path = task_dir / "labels.json"
+    labels = read_labels(labels_path) if labels_path.exists() else None
+    train, test = _read_splits(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels)
+    metric = EXACT_MATCH if labels is not None else ROUGE_L
+    return Task(task_dir.name, train, test, [], labels, metric, str(task_dir))

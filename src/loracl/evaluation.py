@@ -1,0 +1,131 @@
+"""Evaluation: batched greedy generation (KV cache, left padding) and the scores of METHODS.md.
+
+Score: exact match after normalisation for classification tasks, ROUGE-L F for generation tasks; the best
+over a task's references; averaged per task, in percent.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .data import Example, Task
+from .text import PromptEncoder
+
+_TRAILING = string.punctuation + " \t\n"
+
+
+def normalize(text: str, eos_token: str | None = None) -> str:
+    """Strip, lower-case, drop the end-of-sequence token and trailing punctuation."""
+    if eos_token:
+        text = text.replace(eos_token, "")
+    return text.strip().lower().rstrip(_TRAILING)
+
+
+def exact_match(prediction: str, references: Sequence[str], eos_token: str | None = None) -> float:
+    pred = normalize(prediction, eos_token)
+    return float(any(pred == normalize(ref, eos_token) for ref in references))
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, references: Sequence[str], eos_token: str | None = None) -> float:
+    """ROUGE-L F1 on whitespace tokens of the normalised strings, best over references."""
+    pred = normalize(prediction, eos_token).split()
+    best = 0.0
+    for ref in references:
+        target = normalize(ref, eos_token).split()
+        lcs = _lcs_length(pred, target)
+        if lcs:
+            precision, recall = lcs / len(pred), lcs / len(target)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def score(prediction: str, example: Example, metric: str, eos_token: str | None = None) -> float:
+    if metric == "exact_match":
+        return exact_match(prediction, example.answers, eos_token)
+    return rouge_l(prediction, example.answers, eos_token)
+
+
+@dataclass
+class TaskResult:
+    score: float  # percent
+    predictions: list[str]
+
+
+class Evaluator:
+    """Generates answers for a task's test examples and scores them."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, encoder: PromptEncoder, batch_size: int, max_new_tokens: int
+    ):
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def new_token_budget(self, task: Task) -> int:
+        """Classification answers are short: stop after the longest label (+ end of sequence)."""
+        if not task.labels:
+            return self.max_new_tokens
+        longest = max(len(self.encoder.answer_ids(label)) for label in task.labels)
+        return min(self.max_new_tokens, longest + 1)
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int
+    ) -> list[str]:
+        device = next(model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding: every prompt ends at the same column
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            for r, i in enumerate(rows):
+                outputs[i] = self.tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+        return outputs
+
+    def evaluate(self, model: torch.nn.Module, task: Task) -> TaskResult:
+        budget = self.new_token_budget(task)
+        prompts = [self.encoder.prompt_ids(ex.prompt, reserve=budget)[0] for ex in task.test]
+        predictions = self.generate(model, prompts, budget)
+        eos = self.tokenizer.eos_token
+        scores = [score(p, ex, task.metric, eos) for p, ex in zip(predictions, task.test, strict=True)]
+        return TaskResult(100.0 * sum(scores) / len(scores), predictions)
+
+    def evaluate_all(self, model: torch.nn.Module, tasks: Sequence[Task], description: str) -> list[float]:
+        model.eval()
+        results = []
+        for task in tqdm(tasks, desc=description, unit="task", leave=False, dynamic_ncols=True):
+            results.append(self.evaluate(model, task).score)
+        return results

@@ -1,0 +1,112 @@
+"""Thin helpers over stock PEFT LoRA layers: attach adapters, read and write their A/B matrices, save them.
+
+Notation follows METHODS.md: per adapted linear layer, A is `lora_A` (r x n, acting on the input) and B is
+`lora_B` (m x r); the update is s * B @ A with s = alpha / r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import PreTrainedModel
+
+from .config import LoraSection
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class LoraPair:
+    """One layer's LoRA factors, detached float32 copies."""
+
+    A: torch.Tensor  # r x n
+    B: torch.Tensor  # m x r
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B))
+
+
+LoraState = dict[str, LoraPair]  # layer name -> factors
+
+
+def peft_config(lora: LoraSection) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraSection, adapter: str = DEFAULT_ADAPTER) -> PeftModel:
+    """Wrap a base model with one trainable LoRA adapter; the base weights stay frozen."""
+    return get_peft_model(model, peft_config(lora), adapter_name=adapter)
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            yield name, module
+
+
+def lora_weights(layer: LoraLayer, adapter: str = DEFAULT_ADAPTER) -> tuple[torch.nn.Parameter, ...]:
+    """The live (A, B) parameters of one layer."""
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+
+
+def get_lora_state(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> LoraState:
+    state = {}
+    for name, layer in lora_layers(model, adapter):
+        A, B = lora_weights(layer, adapter)
+        state[name] = LoraPair(A.detach().float().clone(), B.detach().float().clone())
+    return state
+
+
+@torch.no_grad()
+def set_lora_state(model: torch.nn.Module, state: LoraState, adapter: str = DEFAULT_ADAPTER) -> None:
+    layers = dict(lora_layers(model, adapter))
+    if layers.keys() != state.keys():
+        raise ValueError("LoRA state does not match the model's adapted layers")
+    for name, pair in state.items():
+        A, B = lora_weights(layers[name], adapter)
+        A.copy_(pair.A.to(A.dtype))
+        B.copy_(pair.B.to(B.dtype))
+
+
+def set_trainable(model: torch.nn.Module, *, A: bool, B: bool, adapter: str = DEFAULT_ADAPTER) -> None:
+    for _, layer in lora_layers(model, adapter):
+        weight_A, weight_B = lora_weights(layer, adapter)
+        weight_A.requires_grad_(A)
+        weight_B.requires_grad_(B)
+
+
+def reset_lora(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Re-draw every layer's LoRA as PEFT initialises it (A random, B = 0)."""
+    for _, layer in lora_layers(model, adapter):
+        layer.reset_lora_parameters(adapter, init_lora_weights=True)
+
+
+def state_nbytes(state: LoraState) -> int:
+    return sum(pair.nbytes() for pair in state.values())
+
+
+def adapter_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of every LoRA parameter held by the model (all adapters)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def save_adapter(model: PeftModel, directory: Path, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), selected_adapters=[adapter])
+    if adapter != DEFAULT_ADAPTER:  # PEFT puts non-default adapters in a sub-folder; flatten it
+        nested = directory / adapter
+        for item in nested.iterdir():
+            item.replace(directory / item.name)
+        nested.rmdir()

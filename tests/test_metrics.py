@@ -1,0 +1,61 @@
+"""Metrics of METHODS.md on a hand-made matrix, and the scorers."""
+
+from __future__ import annotations
+
+import pytest
+
+from loracl.evaluation import exact_match, normalize, rouge_l
+from loracl.metrics import all_metrics, average_performance, backward_transfer, forgetting, forward_transfer
+
+# a[i][j]: score on task j after training task i (T = 3)
+MATRIX = [
+    [80.0, 10.0, 5.0],
+    [60.0, 90.0, 20.0],
+    [50.0, 70.0, 85.0],
+]
+ZERO_SHOT = [0.0, 4.0, 15.0]
+
+
+def test_average_performance():
+    assert average_performance(MATRIX) == pytest.approx((50 + 70 + 85) / 3)
+
+
+def test_backward_transfer():
+    # ((50 - 80) + (70 - 90)) / 2
+    assert backward_transfer(MATRIX) == pytest.approx(-25.0)
+
+
+def test_forward_transfer():
+    # ((a[1][2] - b2) + (a[2][3] - b3)) / 2 = ((10 - 4) + (20 - 15)) / 2
+    assert forward_transfer(MATRIX, ZERO_SHOT) == pytest.approx(5.5)
+
+
+def test_forgetting_uses_max_over_earlier_rows():
+    # task 1: max(80, 60) - 50 = 30; task 2: max(10, 90) - 70 = 20
+    assert forgetting(MATRIX) == pytest.approx(25.0)
+
+
+def test_single_task_has_no_transfer():
+    metrics = all_metrics([[42.0]], [1.0])
+    assert metrics == {"AP": 42.0, "BWT": None, "FWT": None, "forgetting": None}
+
+
+def test_non_square_matrix_is_rejected():
+    with pytest.raises(ValueError):
+        average_performance([[1.0, 2.0]])
+
+
+def test_normalize_and_exact_match():
+    assert normalize("  Company.</s>", "</s>") == "company"
+    assert exact_match(" Written Work!", ["Written Work"]) == 1.0
+    assert exact_match("Artist", ["Athlete"]) == 0.0
+    assert exact_match("yes", ["no", "Yes"]) == 1.0  # any reference
+
+
+def test_rouge_l_f1():
+    assert rouge_l("the cat sat", ["the cat sat"]) == pytest.approx(1.0)
+    # LCS("the cat", "the black cat") = 2; P = 1, R = 2/3, F = 0.8
+    assert rouge_l("the cat", ["the black cat"]) == pytest.approx(0.8)
+    assert rouge_l("dog", ["the cat"]) == 0.0
+    assert rouge_l("", ["x"]) == 0.0
+    assert rouge_l("a b", ["x", "a b"]) == pytest.approx(1.0)  # best reference

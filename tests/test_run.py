@@ -1,0 +1,174 @@
+"""End to end on the tiny random Llama: the run directory contract, SLAO's files, the CLI's error paths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from loracl.cli import main
+from loracl.config import load_config
+from loracl.evaluation import Evaluator
+from loracl.lora import get_lora_state
+from loracl.methods import create_method
+from loracl.models import tiny_random_llama
+from loracl.runner import load_tasks, run
+from loracl.text import PromptEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def slao_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "slao"
+    config = load_config(TINY)
+    results = run(config, out)
+    return config, results, out
+
+
+def read_pair(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs = {}
+    for key, value in weights.items():
+        if "lora_A" in key:
+            pairs[key.replace(".lora_A.weight", "")] = (value, weights[key.replace("lora_A", "lora_B")])
+    return pairs
+
+
+def test_run_directory_contract(slao_run):
+    config, results, out = slao_run
+    for name in ("config.yaml", "results.json", "report.md", "matrix.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    T = len(config.benchmark.tasks)
+    assert saved["method"] == "slao"
+    assert saved["tasks"] == config.benchmark.tasks
+    assert len(saved["matrix"]) == T and all(len(row) == T for row in saved["matrix"])
+    assert all(0.0 <= v <= 100.0 for row in saved["matrix"] for v in row)
+    assert len(saved["zero_shot"]) == T
+    assert set(saved["metrics"]) == {"AP", "BWT", "FWT", "forgetting"}
+    assert saved["metrics"]["AP"] == pytest.approx(sum(saved["matrix"][-1]) / T)
+    assert len(saved["timings"]["train"]) == T and len(saved["timings"]["eval"]) == T
+    assert len(saved["adapter_bytes"]) == T
+    assert saved["complete"] is True
+    assert "| AP | BWT | FWT | Forgetting |" in (out / "report.md").read_text()
+    assert load_config(out / "config.yaml") == config  # the resolved config round-trips
+
+
+def test_slao_state_is_constant_in_T(slao_run):
+    _, results, _ = slao_run
+    assert len(set(results["adapter_bytes"])) == 1
+    assert len({t["method_state_bytes"] for t in results["per_task"]}) == 1
+    assert set(results["stored_adapters"]) == {1}
+
+
+def test_per_task_files_follow_the_merge_formula(slao_run):
+    config, results, out = slao_run
+    dirs = [out / "tasks" / f"{i}-{name}" for i, name in enumerate(results["tasks"], start=1)]
+    ft = [read_pair(d / "adapter_ft") for d in dirs]
+    merged = [read_pair(d / "adapter_merged") for d in dirs]
+    assert ft[0].keys() == merged[0].keys() and len(ft[0]) == 2 * 2  # q_proj, v_proj x 2 layers
+    for layer in ft[0]:
+        torch.testing.assert_close(merged[0][layer][1], ft[0][layer][1])  # B_m1 = B_ft1
+        for i in range(1, len(dirs)):
+            lam = 1 / math.sqrt(i + 1)
+            B_prev, B_ft = merged[i - 1][layer][1], ft[i][layer][1]
+            torch.testing.assert_close(merged[i][layer][1], B_prev + lam * (B_ft - B_prev))
+            torch.testing.assert_close(merged[i][layer][0], ft[i][layer][0])  # A_m,i = A_ft,i
+            assert not torch.equal(ft[i][layer][1], ft[i - 1][layer][1])  # B was trained
+
+
+def test_final_adapter_loads_with_stock_peft_and_reproduces_scores(slao_run):
+    config, results, out = slao_run
+    base, tokenizer = tiny_random_llama()
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    last = read_pair(out / "tasks" / f"{len(results['tasks'])}-{results['tasks'][-1]}" / "adapter_merged")
+    loaded = get_lora_state(model)
+    for name, pair in loaded.items():
+        torch.testing.assert_close(pair.A, last[name][0])
+        torch.testing.assert_close(pair.B, last[name][1])
+    encoder = PromptEncoder(tokenizer, config.train.max_length)
+    evaluator = Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
+    scores = evaluator.evaluate_all(model, load_tasks(config), "check")
+    assert scores == pytest.approx(results["matrix"][-1])
+
+
+def test_orthogonal_init_in_the_model():
+    """before_task(2) puts Q^T of A_ft,1 and B_ft,1 into the live PEFT layers."""
+    config = load_config(TINY)
+    base, _ = tiny_random_llama()
+    slao = create_method("slao", {}, config.lora)
+    model = slao.prepare_model(base)
+    torch.manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    slao.finetuned = get_lora_state(model)
+    slao.merged = get_lora_state(model)
+    slao.before_task(model, 2, None)
+    for name, pair in get_lora_state(model).items():
+        torch.testing.assert_close(pair.A @ pair.A.T, torch.eye(config.lora.r), atol=1e-5, rtol=0)
+        A_prev = slao.finetuned[name].A
+        torch.testing.assert_close(A_prev @ pair.A.T @ pair.A, A_prev, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pair.B, slao.finetuned[name].B)
+
+
+def test_seq_lora_runs_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "seq"
+    code = main(["run", str(TINY), "--set", "method.name=seq_lora", "--set", "benchmark.tasks=[agnews,yelp]",
+                 "--set", "eval.zero_shot=false", "--output", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "seq_lora" and results["tasks"] == ["agnews", "yelp"]
+    assert results["zero_shot"] is None and results["metrics"]["FWT"] is None
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def run_cli_error(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["benchmark.data_dir=/nonexistent/data"], "/nonexistent/data"),
+        (["benchmark.tasks=[agnews,nosuchtask]"], "nosuchtask"),
+        (["benchmark.tasks=null", "benchmark.order=order99"], "order99"),
+        (["train.lrr=1"], "did you mean 'train.lr'"),
+        (["method.name=slaoo"], "did you mean 'slao'"),
+        (["model.name=/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, overrides, message):
+    out = tmp_path / "out"
+    args = ["run", str(TINY), "--output", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    assert message in run_cli_error(args, capsys)
+    assert not out.exists()
+
+
+def test_non_empty_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert "--overwrite" in run_cli_error(["run", str(TINY), "--output", str(out)], capsys)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from loracl.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "run", str(TINY), "--set", "train.lrr=1"])
