@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_orthogonal_init_in_the_model():
             p.data.normal_()
     slao.finetuned = get_lora_state(model)
     slao.merged = get_lora_state(model)
-    slao.before_task(model, 2, None)
+    slao.before_task(model, SimpleNamespace(index=2))  # only the index matters here
     for name, pair in get_lora_state(model).items():
         torch.testing.assert_close(pair.A @ pair.A.T, torch.eye(config.lora.r), atol=1e-5, rtol=0)
         A_prev = slao.finetuned[name].A

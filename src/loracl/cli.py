@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 from . import __version__
@@ -107,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_noise() -> None:
+    # A deprecation inside PEFT/transformers that users can do nothing about.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:

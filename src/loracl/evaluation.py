@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .data import Example, Task
+from .progress import progress
 from .text import PromptEncoder
 
 _TRAILING = string.punctuation + " \t\n"
@@ -126,6 +126,6 @@ class Evaluator:
     def evaluate_all(self, model: torch.nn.Module, tasks: Sequence[Task], description: str) -> list[float]:
         model.eval()
         results = []
-        for task in tqdm(tasks, desc=description, unit="task", leave=False, dynamic_ncols=True):
+        for task in progress(tasks, desc=description, unit="task"):
             results.append(self.evaluate(model, task).score)
         return results

@@ -104,7 +104,9 @@ def adapter_nbytes(model: torch.nn.Module) -> int:
 def save_adapter(model: PeftModel, directory: Path, adapter: str = DEFAULT_ADAPTER) -> None:
     """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), selected_adapters=[adapter])
+    # save_embedding_layers=False: the adapters never touch embeddings, and PEFT's "auto" check would
+    # look the base model up on the Hub.
+    model.save_pretrained(str(directory), selected_adapters=[adapter], save_embedding_layers=False)
     if adapter != DEFAULT_ADAPTER:  # PEFT puts non-default adapters in a sub-folder; flatten it
         nested = directory / adapter
         for item in nested.iterdir():

@@ -19,6 +19,7 @@ from transformers import set_seed
 
 from . import __version__
 from .config import RunConfig, dump_config
+from .context import TaskContext
 from .data import Task, load_benchmark
 from .errors import ConfigError
 from .evaluation import Evaluator
@@ -127,18 +128,27 @@ class ContinualRun:
         T = len(self.tasks)
         task_dir = self.run_dir / "tasks" / f"{index}-{task.name}"
         task_dir.mkdir(parents=True, exist_ok=True)
-        encoded = [self.encoder.encode(ex) for ex in task.train]
-        self.method.before_task(self.model, index, task)
+        ctx = TaskContext(
+            index=index,
+            task=task,
+            task_dir=task_dir,
+            encoded=[self.encoder.encode(ex) for ex in task.train],
+            pad_id=self.loaded.tokenizer.pad_token_id,
+            device=next(self.model.parameters()).device,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.train.seed,
+        )
+        self.method.before_task(self.model, ctx)
         stats = train_task(
             self.model,
             self.method,
-            encoded,
+            ctx.encoded,
             self.config.train,
-            self.loaded.tokenizer.pad_token_id,
+            ctx.pad_id,
             seed=self.config.train.seed * 1000 + index,
             description=f"task {index}/{T} {task.name}",
         )
-        self.method.after_task(self.model, index, task, task_dir)
+        self.method.after_task(self.model, ctx)
         scores, eval_seconds = self.evaluate_all(f"eval after {task.name}")
         r = self.results
         r["matrix"].append(scores)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainSection
+from .progress import progress
 from .text import Encoded
 
 IGNORE = -100
@@ -120,7 +120,7 @@ def train_task(
     )
     model.train()
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
-    bar = tqdm(total=micro_steps, desc=description, unit="step", leave=False, dynamic_ncols=True)
+    bar = progress(total=micro_steps, desc=description, unit="step")
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
         batch = collate([encoded[i] for i in batch_ids], pad_id, device)
         loss = answer_loss(model, batch)
@@ -135,9 +135,9 @@ def train_task(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
-        loss_value = float(loss)
+        loss_value = loss.item()
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         bar.update()
     bar.close()
     model.eval()

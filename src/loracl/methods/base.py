@@ -3,6 +3,8 @@
 The training loop (loracl.training) and the runner (loracl.runner) call only the hooks below, in this order
 for each task i = 1..T:  before_task -> [per step: extra_loss, backward, after_backward, optimizer step]
 -> after_task -> evaluation of the model as it then stands -> ... -> export at the end.
+`before_task` and `after_task` receive a TaskContext: the task, its tokenized training examples and a way
+to batch them (for statistics such as input subspaces or Fisher information).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PreTrainedModel
 
 from ..config import LoraSection
-from ..data import Task
+from ..context import TaskContext
 from ..errors import ConfigError
 from ..lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
 
@@ -50,8 +52,8 @@ class ContinualMethod:
         return [p for p in model.parameters() if p.requires_grad]
 
     # -- hooks ---------------------------------------------------------------------------------
-    def before_task(self, model: PeftModel, task_index: int, task: Task) -> None:
-        """Called before training task `task_index` (1-based)."""
+    def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        """Called before training task `ctx.index` (1-based)."""
 
     def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A regulariser added to the task loss of each step, or None."""
@@ -60,10 +62,10 @@ class ContinualMethod:
     def after_backward(self, model: PeftModel) -> None:
         """Called after each backward pass, before the optimizer step (e.g. to project gradients)."""
 
-    def after_task(self, model: PeftModel, task_index: int, task: Task, task_dir: Path) -> None:
-        """Called after training task `task_index`; leaves the model as it should be evaluated.
+    def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        """Called after training task `ctx.index`; leaves the model as it should be evaluated.
 
-        `task_dir` is the run's `tasks/<i>-<task>/` folder, for per-task artefacts."""
+        `ctx.task_dir` is the run's `tasks/<i>-<task>/` folder, for per-task artefacts."""
 
     def export(self, model: PeftModel, directory: Path) -> None:
         """Write the final model's adapter(s) in stock PEFT format."""

@@ -10,13 +10,12 @@ Ablation options (init, merge, schedule, freeze) are those the paper reports.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import PeftModel
 
-from ..data import Task
+from ..context import TaskContext
 from ..lora import (
     LoraPair,
     LoraState,
@@ -103,21 +102,21 @@ class SLAO(ContinualMethod):
             merged[name] = LoraPair(A, B)
         return merged
 
-    def before_task(self, model: PeftModel, task_index: int, task: Task) -> None:
-        init = self.initial_state(task_index)
+    def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        init = self.initial_state(ctx.index)
         if init is None:
             reset_lora(model)
         else:
             set_lora_state(model, init)
-        freeze = self.options.freeze if task_index > 1 else "none"  # task 1 is plain LoRA
+        freeze = self.options.freeze if ctx.index > 1 else "none"  # task 1 is plain LoRA
         set_trainable(model, A=freeze != "A", B=freeze != "B")
 
-    def after_task(self, model: PeftModel, task_index: int, task: Task, task_dir: Path) -> None:
+    def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         self.finetuned = get_lora_state(model)
-        save_adapter(model, task_dir / "adapter_ft")
-        self.merged = self.merge(task_index, self.finetuned)
+        save_adapter(model, ctx.task_dir / "adapter_ft")
+        self.merged = self.merge(ctx.index, self.finetuned)
         set_lora_state(model, self.merged)  # evaluate and export W0 + s B_m A_m
-        save_adapter(model, task_dir / "adapter_merged")
+        save_adapter(model, ctx.task_dir / "adapter_merged")
 
     def state_bytes(self) -> int:
         return lora_state_nbytes(self.finetuned) + lora_state_nbytes(self.merged)
