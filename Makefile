@@ -27,7 +27,7 @@ tiny: setup
 	$(BIN)/loracl run configs/tiny.yaml --output runs/tiny --overwrite
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -173,3 +173,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(ConfigError):
         main(["--debug", "run", str(TINY), "--set", "train.lrr=1"])
+
+
+def test_superni_benchmark_runs_with_rouge(tmp_path):
+    config = load_config(TINY, ["benchmark.name=superni", "benchmark.tasks=null", "benchmark.order=null",
+                                "benchmark.max_test=4", "eval.zero_shot=false", "method.name=seq_lora"])
+    results = run(config, tmp_path / "superni")
+    assert results["tasks"] == sorted(results["tasks"]) and len(results["tasks"]) == 3
+    assert len(results["matrix"]) == 3

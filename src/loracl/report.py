@@ -33,6 +33,22 @@ def metrics_line(metrics: dict[str, float | None]) -> str:
     return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
 
 
+def setup_line(results: dict[str, Any]) -> str:
+    c = results.get("config") or {}
+    if not c:
+        return ""
+    lora, train, bench = c["lora"], c["train"], c["benchmark"]
+    options = {k: v for k, v in c["method"].items() if k != "name"}
+    opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    return (
+        f"Setup: method options {opts}; LoRA r={lora['r']}, alpha={lora['alpha']} on "
+        f"{', '.join(lora['target_modules'])}; lr {train['lr']}, {train['epochs']} epoch(s), batch "
+        f"{train['batch_size']}x{train['grad_accum']}, max length {train['max_length']}, "
+        f"seed {train['seed']}; "
+        f"caps: {bench['max_train'] or 'all'} train / {bench['max_test'] or 'all'} test examples per task."
+    )
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     m = results["metrics"]
     per_task = results["per_task"]
@@ -47,6 +63,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
 Model `{results["model"]}`, benchmark `{results["benchmark"]}`, {len(results["tasks"])} tasks:
 {" → ".join(results["tasks"])}.
+
+{setup_line(results)}
 
 ## Metrics (percent)
 

@@ -108,6 +108,7 @@ class ContinualRun:
             "per_task": [],
             "device": str(next(self.model.parameters()).device),
             "loracl_version": __version__,
+            "config": c.model_dump(mode="json"),
             "complete": False,
         }
 
