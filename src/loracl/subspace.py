@@ -76,9 +76,8 @@ def collect_input_grams(
 
 
 def vector_gram(vectors: torch.Tensor) -> torch.Tensor:
-    """Gram matrix of row vectors (N x n) -> n x n, float32: the same statistic for non-layer inputs."""
-    v = vectors.float()
-    return v.T @ v
+    """Gram matrix of row vectors (N x n) -> n x n, in their dtype (for inputs that are not layer inputs)."""
+    return vectors.T @ vectors
 
 
 def _complement(basis: torch.Tensor | None, n: int, device, dtype=torch.float64) -> torch.Tensor:
@@ -97,13 +96,13 @@ def gpm_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float)
 
     With total energy ||R||_F^2 = tr(G) and the part M already explains ||M^T R||_F^2 = tr(M^T G M), add the
     fewest top eigenvectors of the residual Gram P G P whose energy brings the captured fraction up to
-    `threshold`. Returns the new orthonormal basis (n x k), float32, on the Gram's device."""
+    `threshold`. Returns the new orthonormal basis (n x k) in the Gram's dtype and device."""
     n = gram.shape[0]
     G = gram.double()
     P = _complement(basis, n, G.device)
     total = torch.trace(G)
     if total <= 0:
-        return basis if basis is not None else torch.zeros(n, 0, device=gram.device)
+        return basis if basis is not None else gram.new_zeros(n, 0)
     captured = total - torch.trace(P @ G @ P)  # = tr(M^T G M)
     values, vectors = _eigh_desc(P @ G @ P)
     needed = threshold * total - captured
@@ -114,11 +113,11 @@ def gpm_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float)
         k = int((cumulative < needed).sum().item()) + 1
         k = min(k, int((values > values[0] * 1e-10).sum().item()) if values[0] > 0 else 0)
     if k == 0:
-        return basis if basis is not None else torch.zeros(n, 0, device=gram.device)
+        return basis if basis is not None else gram.new_zeros(n, 0)
     new = P @ vectors[:, :k]  # exactly orthogonal to M, then re-orthonormalised
     stacked = new if basis is None else torch.cat([basis.double(), new], dim=1)
     q, _ = torch.linalg.qr(stacked)
-    return q.float()
+    return q.to(gram.dtype)
 
 
 def complement_directions(basis: torch.Tensor | None, gram: torch.Tensor, k: int) -> torch.Tensor:

@@ -40,6 +40,10 @@ from .olora import olora_loss
 
 GATES_FILE = "gates.safetensors"
 ATTRIBUTE = "loracl_gates"  # the GateBank is registered on the PeftModel under this name
+# The cosine is scale-invariant: an MLP output that is 0 only up to float32 rounding (~1e-8) still has an
+# arbitrary direction and would give an arbitrary gate. The gates (a few d x 100 matrices) therefore live and
+# compute in float64, with their GPM basis, so "W1 M = 0" makes g_i(x) = 0 on old inputs to ~1e-9.
+GATE_DTYPE = torch.float64
 
 
 def gate_value(out: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -48,10 +52,10 @@ def gate_value(out: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return (2 * torch.sigmoid(4 * cos) - 1).abs()
 
 
-def masked_mean(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where mask is 1: (B, L, d), (B, L) -> (B, d), float32."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (embeddings.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+def masked_mean(embeddings: torch.Tensor, mask: torch.Tensor, dtype=GATE_DTYPE) -> torch.Tensor:
+    """Mean over the positions where mask is 1: (B, L, d), (B, L) -> (B, d)."""
+    weights = mask.to(dtype).unsqueeze(-1)
+    return (embeddings.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class GateBank(nn.Module):
@@ -73,8 +77,8 @@ class GateBank(nn.Module):
             nn.SiLU(),
             nn.Linear(self.hidden, self.dim, bias=False),
             nn.SiLU(),
-        ).to(device=device, dtype=torch.float32)
-        key = nn.Parameter(torch.empty(self.dim, device=device).uniform_(-1.0, 1.0))
+        ).to(device=device, dtype=GATE_DTYPE)
+        key = nn.Parameter(torch.empty(self.dim, device=device, dtype=GATE_DTYPE).uniform_(-1.0, 1.0))
         self.mlps.append(mlp)
         self.keys.append(key)
 
@@ -210,7 +214,7 @@ class GainLoRA(InfLoRA):
 
     @torch.no_grad()
     def gate_inputs(self, model: PeftModel, ctx: TaskContext) -> torch.Tensor:
-        """p(x) of the task's sampled examples (prompt tokens), N x d, float32."""
+        """p(x) of the task's sampled examples (prompt tokens), N x d."""
         embed = model.get_base_model().get_input_embeddings()
         rows = [
             masked_mean(embed(b["input_ids"]), prompt_mask(b)) for b in ctx.batches(self.options.max_examples)
