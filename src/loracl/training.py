@@ -123,8 +123,9 @@ def train_task(
     bar = progress(total=micro_steps, desc=description, unit="step")
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
         batch = collate([encoded[i] for i in batch_ids], pad_id, device)
-        loss = answer_loss(model, batch)
-        extra = method.extra_loss(model, batch)
+        with method.step_context(model, batch):
+            loss = answer_loss(model, batch)
+            extra = method.extra_loss(model, batch)
         total = loss if extra is None else loss + extra
         (total / cfg.grad_accum).backward()
         method.after_backward(model)
@@ -134,6 +135,7 @@ def train_task(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(model)
         tokens += int(batch["attention_mask"].sum())
         loss_value = loss.item()
         elapsed = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Continual-learning methods: one module per method, each registered on import."""
 
-from . import seq_lora, slao  # noqa: F401  (registration side effects)
+from . import gainlora, gpm, inc_lora, inflora, olora, seq_lora, slao  # noqa: F401  (registration)
 from .base import (
     ContinualMethod,
     MethodOptions,

@@ -1,15 +1,28 @@
 """The base class every continual-learning method derives from, and the method registry.
 
 The training loop (loracl.training) and the runner (loracl.runner) call only the hooks below, in this order
-for each task i = 1..T:  before_task -> [per step: extra_loss, backward, after_backward, optimizer step]
--> after_task -> evaluation of the model as it then stands -> ... -> export at the end.
+for each task i = 1..T:  before_task -> [per step: (inside step_context: task loss, extra_loss), backward,
+after_backward, optimizer step, after_optimizer_step] -> after_task -> evaluation of the model as it then
+stands -> ... -> export at the end.
 `before_task` and `after_task` receive a TaskContext: the task, its tokenized training examples and a way
 to batch them (for statistics such as input subspaces or Fisher information).
+
+Generic hooks with do-nothing defaults, for methods that need them:
+- `step_context(model, batch)`: a context manager entered around each training step's forward passes, so a
+  method can hand per-batch side information to its forward hooks (GainLoRA: the prompt mask its gates
+  pool over, which the decoder call itself does not carry).
+- `after_optimizer_step(model)`: after each optimizer step, e.g. to keep a protected part of the parameters
+  exactly fixed: gradient projection alone does not survive AdamW's per-coordinate scaling.
+- `restore(model, directory, manifest)` (class method): re-creates, on a model loaded from an exported
+  multi-adapter `adapter/` folder, the extra state the method exported beside the PEFT adapters
+  (`loracl.loading.load_adapter` calls it; see `loracl.multi_lora` for the layout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,6 +75,13 @@ class ContinualMethod:
     def after_backward(self, model: PeftModel) -> None:
         """Called after each backward pass, before the optimizer step (e.g. to project gradients)."""
 
+    def step_context(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> AbstractContextManager:
+        """Entered around the forward passes of each training step (task loss and extra_loss)."""
+        return contextlib.nullcontext()
+
+    def after_optimizer_step(self, model: PeftModel) -> None:
+        """Called after each optimizer step."""
+
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         """Called after training task `ctx.index`; leaves the model as it should be evaluated.
 
@@ -70,6 +90,10 @@ class ContinualMethod:
     def export(self, model: PeftModel, directory: Path) -> None:
         """Write the final model's adapter(s) in stock PEFT format."""
         save_adapter(model, directory, DEFAULT_ADAPTER)
+
+    @classmethod
+    def restore(cls, model: PeftModel, directory: Path, manifest: dict[str, Any]) -> None:
+        """Re-create extra exported state (beyond the PEFT adapters) on a loaded model; default: none."""
 
     # -- accounting ----------------------------------------------------------------------------
     def adapter_bytes(self, model: PeftModel) -> int:

@@ -1,0 +1,72 @@
+"""GPM (Saha et al., ICLR 2021) on a single LoRA (METHODS.md "gpm").
+
+Per adapted layer keep an orthonormal basis M (n x k) of past tasks' layer inputs, extended after each task
+by the energy rule (loracl.subspace.gpm_update; epsilon 0.97 rising 0.003 per task). During later tasks the
+gradient of A is projected, grad A <- grad A - grad A M M^T, so A x is unchanged for old inputs x. B is
+trained freely, as METHODS.md specifies.
+
+The shared loop uses AdamW, whose per-coordinate scaling (and weight decay) would move A inside span(M) even
+from a projected gradient; so after each optimizer step the update of A is projected as well,
+A <- A - (A - A_start) M M^T, which keeps A M (hence A x for x in span(M)) exactly at its value at the start
+of the task.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from ..context import TaskContext
+from ..lora import lora_layers
+from ..subspace import basis_nbytes, collect_input_grams, gpm_threshold, gpm_update, project_off
+from .base import ContinualMethod, register
+from .inflora import SubspaceOptions
+
+
+class GPMOptions(SubspaceOptions):
+    pass
+
+
+@register
+class GPM(ContinualMethod):
+    name = "gpm"
+    summary = "one LoRA; gradients of A projected off the input subspace of old tasks (GPM bases)"
+    data_free = True
+    memory_growth = "constant LoRA, plus a per-layer input basis that grows with T up to n x n"
+    Options = GPMOptions
+    options: GPMOptions
+
+    def __init__(self, options, lora) -> None:
+        super().__init__(options, lora)
+        self.bases: dict[str, torch.Tensor] = {}  # layer name -> M (n x k)
+        self.start: dict[str, torch.Tensor] = {}  # layer name -> A at the start of the current task
+
+    def protected(self, model: PeftModel):
+        for name, layer in lora_layers(model):
+            if name in self.bases:
+                yield name, layer.lora_A["default"].weight, self.bases[name]
+
+    def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        self.start = {name: A.detach().clone() for name, A, _ in self.protected(model)}
+
+    @torch.no_grad()
+    def after_backward(self, model: PeftModel) -> None:
+        for _, A, M in self.protected(model):
+            if A.grad is not None:
+                A.grad.copy_(project_off(A.grad, M))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: PeftModel) -> None:
+        for name, A, M in self.protected(model):
+            start = self.start[name]
+            A.copy_(start + project_off(A - start, M))
+
+    def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        layers = dict(lora_layers(model))
+        grams = collect_input_grams(model, layers, ctx.batches(self.options.max_examples))
+        eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
+        for name, gram in grams.items():
+            self.bases[name] = gpm_update(self.bases.get(name), gram, eps)
+
+    def state_bytes(self) -> int:
+        return basis_nbytes(self.bases)

@@ -1,0 +1,236 @@
+"""IncLoRA, O-LoRA, InfLoRA, GPM and GainLoRA on the tiny random Llama: protection properties, the gates,
+end-to-end runs through loracl.runner.run, and the exported adapter/ reloaded through loracl.loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loracl import runner
+from loracl.config import load_config
+from loracl.context import TaskContext
+from loracl.evaluation import Evaluator
+from loracl.loading import load_adapter
+from loracl.lora import lora_layers
+from loracl.methods import create_method
+from loracl.methods.gainlora import GateBank, gate_value, masked_mean
+from loracl.models import tiny_random_llama
+from loracl.subspace import collect_input_grams
+from loracl.text import PromptEncoder
+from loracl.training import train_task
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SHORT = ["benchmark.tasks=[agnews,yelp]", "eval.zero_shot=false", "benchmark.max_train=8", "train.lr=1e-2"]
+LAYER0 = "base_model.model.model.layers.0.self_attn.q_proj"  # its inputs do not depend on any LoRA
+
+
+def setup(method_name: str, options: dict, tmp_path: Path):
+    config = load_config(TINY, SHORT)
+    tasks = runner.load_tasks(config)
+    base, tokenizer = tiny_random_llama()
+    method = create_method(method_name, options, config.lora)
+    model = method.prepare_model(base)
+    encoder = PromptEncoder(tokenizer, config.train.max_length)
+    contexts = [
+        TaskContext(
+            i,
+            t,
+            tmp_path / str(i),
+            [encoder.encode(ex) for ex in t.train],
+            tokenizer.pad_token_id,
+            torch.device("cpu"),
+            config.train.batch_size,
+            0,
+        )
+        for i, t in enumerate(tasks, start=1)
+    ]
+    for ctx in contexts:
+        ctx.task_dir.mkdir(parents=True, exist_ok=True)
+    return config, method, model, contexts
+
+
+def learn(config, method, model, ctx) -> None:
+    method.before_task(model, ctx)
+    train_task(model, method, ctx.encoded, config.train, ctx.pad_id, seed=ctx.index)
+    method.after_task(model, ctx)
+
+
+def layer0_gram(model, ctx, max_examples: int) -> torch.Tensor:
+    layers = {LAYER0: dict(model.named_modules())[LAYER0]}
+    return collect_input_grams(model, layers, ctx.batches(max_examples))[LAYER0].double()
+
+
+def test_gpm_keeps_A_x_of_old_inputs_while_A_still_learns(tmp_path):
+    # threshold 1: the basis holds the whole span of the (few) old inputs, so protection must be exact.
+    opts = {"threshold": 1.0, "threshold_step": 0.0, "max_examples": 2}
+    config, method, model, (ctx1, ctx2) = setup("gpm", opts, tmp_path)
+    learn(config, method, model, ctx1)
+    A = dict(lora_layers(model))[LAYER0].lora_A["default"].weight
+    A1 = A.detach().clone().double()
+    G_old = layer0_gram(model, ctx1, 2)
+    assert method.bases[LAYER0].shape[1] < A.shape[1]  # room left to learn
+    learn(config, method, model, ctx2)
+    D = A.detach().double() - A1
+    assert D.norm() > 1e-3 * A1.norm()  # A was trained on task 2 ...
+    change = torch.trace(D @ G_old @ D.T) / torch.trace(A1 @ G_old @ A1.T)
+    assert change < 1e-9  # ... but A x is unchanged for every old input x
+
+
+def test_gpm_after_backward_projects_the_gradient(tmp_path):
+    config, method, model, (ctx1, _) = setup("gpm", {}, tmp_path)
+    learn(config, method, model, ctx1)
+    A = dict(lora_layers(model))[LAYER0].lora_A["default"].weight
+    A.grad = torch.randn_like(A)
+    method.after_backward(model)
+    M = method.bases[LAYER0]
+    torch.testing.assert_close(A.grad @ M, torch.zeros(A.shape[0], M.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_inflora_designs_A_in_the_complement_and_trains_only_B(tmp_path):
+    opts = {"threshold": 1.0, "threshold_step": 0.0, "max_examples": 2}
+    config, method, model, (ctx1, ctx2) = setup("inflora", opts, tmp_path)
+    learn(config, method, model, ctx1)
+    G_old = layer0_gram(model, ctx1, 2)
+    method.before_task(model, ctx2)
+    layer = dict(lora_layers(model, "task2"))[LAYER0]
+    A2 = layer.lora_A["task2"].weight.detach().double()
+    torch.testing.assert_close(A2 @ A2.T, torch.eye(A2.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.trace(A2 @ G_old @ A2.T) / torch.trace(G_old) < 1e-9  # A_2 x = 0 for old inputs
+    assert float(layer.lora_B["task2"].weight.abs().max()) == 0.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_B.task2." in n for n in trainable)
+    train_task(model, method, ctx2.encoded, config.train, ctx2.pad_id, seed=2)
+    torch.testing.assert_close(layer.lora_A["task2"].weight.detach().double(), A2)  # A frozen
+
+
+def test_gate_formula_on_known_tensors():
+    key = torch.tensor([1.0, 0.0, 0.0])
+    out = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    expected = torch.tensor(
+        [abs(2 * torch.sigmoid(torch.tensor(4.0)) - 1)] * 1
+        + [0.0]
+        + [abs(2 * torch.sigmoid(torch.tensor(-4.0)) - 1)]
+        + [0.0]
+    )
+    torch.testing.assert_close(gate_value(out, key), expected)
+    emb = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    torch.testing.assert_close(
+        masked_mean(emb, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]], dtype=torch.float64)
+    )
+
+
+def test_gainlora_new_gate_is_zero_on_old_inputs_and_old_gates_are_frozen(tmp_path):
+    opts = {"threshold": 1.0, "threshold_step": 0.0}
+    config, method, model, (ctx1, ctx2) = setup("gainlora", opts, tmp_path)
+    learn(config, method, model, ctx1)
+    bank: GateBank = method.bank(model)
+    p_old, p_new = method.gate_inputs(model, ctx1), method.gate_inputs(model, ctx2)
+    g1_before = bank(p_old)[:, 0].detach().clone()
+    method.before_task(model, ctx2)
+    W1 = bank.first_layer(1)
+    W1_init = W1.detach().clone()
+    assert float(bank(p_old)[:, 1].abs().max()) < 1e-5  # g_2(x) = 0 on old inputs from the start
+    train_task(model, method, ctx2.encoded, config.train, ctx2.pad_id, seed=2)
+    method.after_task(model, ctx2)
+    assert not torch.allclose(W1, W1_init)  # the new gate learned ...
+    gates = bank(p_old).detach()
+    assert float(gates[:, 1].abs().max()) < 1e-5  # ... and still stays shut on old inputs
+    assert float(bank(p_new)[:, 1].min()) > 1e-3  # but opens on its own task's inputs
+    torch.testing.assert_close(gates[:, 0], g1_before)  # old gate frozen
+    assert not any(p.requires_grad for p in bank.mlps[0].parameters())
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+METHODS = ["inc_lora", "olora", "inflora", "gpm", "gainlora"]
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def finished(request, tmp_path_factory):
+    """A 2-task run through loracl.runner.run, with the in-memory model kept for comparison."""
+    kept = {}
+    original = runner.ContinualRun.finish
+
+    def finish(self, wall_seconds):
+        kept["model"] = self.model
+        return original(self, wall_seconds)
+
+    out = tmp_path_factory.mktemp("runs") / request.param
+    config = load_config(TINY, [*SHORT, f"method.name={request.param}", "train.epochs=2"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner.ContinualRun, "finish", finish)
+        results = runner.run(config, out)
+    return request.param, config, results, out, kept["model"]
+
+
+def generation_logits(model, tokenizer, prompts: list[list[int]], steps: int = 3) -> tuple[torch.Tensor, ...]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return ids, mask, out.sequences, torch.stack(out.logits, dim=1)
+
+
+def test_results_record_adapter_growth(finished):
+    name, config, results, _, _ = finished
+    assert results["method"] == name and len(results["matrix"]) == 2
+    sizes, counts = results["adapter_bytes"], results["stored_adapters"]
+    if name == "gpm":
+        assert counts == [1, 1] and sizes[0] == sizes[1]
+    else:
+        assert counts == [1, 2] and sizes[1] == 2 * sizes[0]
+    assert [t["stored_adapters"] for t in results["per_task"]] == counts
+
+
+def test_exported_adapter_loads_and_reproduces_the_run(finished):
+    name, config, results, out, model = finished
+    base, tokenizer = tiny_random_llama()
+    loaded = load_adapter(out / "adapter", base)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    encoder = PromptEncoder(tokenizer, config.train.max_length)
+    tasks = runner.load_tasks(config)
+    prompts = [encoder.prompt_ids(ex.prompt)[0] for ex in tasks[0].test[:3]]
+    *_, expected = generation_logits(model, tokenizer, prompts)
+    *_, got = generation_logits(loaded, tokenizer, prompts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        *_, plain = generation_logits(model, tokenizer, prompts)
+    assert (plain - expected).abs().max() > 1e-4  # the adapters matter, so the comparison means something
+    evaluator = Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
+    assert evaluator.evaluate_all(loaded, tasks, "check") == pytest.approx(results["matrix"][-1])
+
+
+def test_gainlora_cached_generation_equals_teacher_forced_scoring(finished):
+    name, config, _, _, model = finished
+    if name != "gainlora":
+        pytest.skip("gates only")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large branches so that the gates change the logits visibly
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    _, tokenizer = tiny_random_llama()
+    prompts = [list(range(40, 60)), list(range(70, 82))]
+    ids, mask, sequences, logits = generation_logits(model, tokenizer, prompts)
+    full_mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], dim=1)
+    prompt_mask = torch.cat([mask, torch.zeros_like(sequences[:, ids.shape[1] :])], dim=1)
+    positions = slice(ids.shape[1] - 1, sequences.shape[1] - 1)
+    with torch.no_grad(), model.loracl_gates.prompt_only(prompt_mask):
+        forced = model(input_ids=sequences, attention_mask=full_mask).logits[:, positions]
+    torch.testing.assert_close(forced, logits, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # gates pooled over prompt + answer instead: visibly different
+        pooled_all = model(input_ids=sequences, attention_mask=full_mask).logits[:, positions]
+    assert (pooled_all - logits).abs().max() > 1e-3
