@@ -1,6 +1,17 @@
 """Continual-learning methods: one module per method, each registered on import."""
 
-from . import seq_lora, slao  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    agem,
+    ewc,
+    magmax,
+    mtl,
+    replay,
+    seq_lora,
+    slao,
+    task_arithmetic,
+    ties,
+    zero_shot,
+)
 from .base import (
     ContinualMethod,
     MethodOptions,
