@@ -56,11 +56,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods
 
-    for name, cls in available_methods().items():
+    methods = available_methods()
+    width = max(len(name) for name in methods) + 1
+    for name, cls in methods.items():
         options = ", ".join(cls.Options.model_fields) or "-"
-        print(f"{name:<12} {cls.summary}")
+        print(f"{name:<{width}} {cls.summary}")
         print(
-            f"{'':<12} data-free: {'yes' if cls.data_free else 'no'}; memory in T: {cls.memory_growth}; "
+            f"{'':<{width}} data-free: {'yes' if cls.data_free else 'no'}; memory in T: {cls.memory_growth}; "
             f"options: {options}"
         )
     return 0

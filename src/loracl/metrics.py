@@ -48,7 +48,13 @@ def forgetting(matrix: Matrix) -> float | None:
     return sum(max(matrix[row][j] for row in range(T - 1)) - matrix[-1][j] for j in range(T - 1)) / (T - 1)
 
 
-def all_metrics(matrix: Matrix, zero_shot: Sequence[float] | None) -> dict[str, float | None]:
+def all_metrics(
+    matrix: Matrix, zero_shot: Sequence[float] | None, sequential: bool = True
+) -> dict[str, float | None]:
+    """AP, BWT, FWT and forgetting. `sequential=False` (one joint training, every row the final model):
+    only AP is defined; the metrics that compare steps of a sequence are None."""
+    if not sequential:
+        return {"AP": average_performance(matrix), "BWT": None, "FWT": None, "forgetting": None}
     return {
         "AP": average_performance(matrix),
         "BWT": backward_transfer(matrix),

@@ -18,15 +18,60 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+ROLE_LABELS = {
+    "continual": "",
+    "upper_bound": " — upper bound (joint training on all tasks), not a continual method",
+    "reference": " — reference point (no training), not a continual method",
+}
+
+MATRIX_ROWS = {
+    "after_each_task": "Row i: scores on every task after training task i (diagonal in bold).",
+    "final_model": "Every row holds the final model's scores: one joint training on the union of all tasks "
+    "(an upper bound); only AP is defined, BWT/FWT/forgetting are n/a.",
+    "unchanged_model": "The model is never trained: every row holds the same scores.",
+}
+
+
 def matrix_table(results: dict[str, Any]) -> str:
     tasks = results["tasks"]
+    final_only = results.get("matrix_rows") == "final_model"
     lines = ["| after task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     if results.get("zero_shot"):
         lines.append("| (zero-shot) | " + " | ".join(_fmt(v) for v in results["zero_shot"]) + " |")
     for i, row in enumerate(results["matrix"]):
-        cells = [f"**{_fmt(v)}**" if j == i else _fmt(v) for j, v in enumerate(row)]
-        lines.append(f"| {i + 1}. {tasks[i]} | " + " | ".join(cells) + " |")
+        cells = [f"**{_fmt(v)}**" if j == i and not final_only else _fmt(v) for j, v in enumerate(row)]
+        label = "(final, joint)" if final_only else f"{i + 1}. {tasks[i]}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def method_info_table(per_task: list[dict[str, Any]]) -> str:
+    """One row per training step, one column per key any step's `method_info` has; empty if none has any."""
+    keys: list[str] = []
+    for t in per_task:
+        keys.extend(k for k in t.get("method_info", {}) if k not in keys)
+    if not keys:
+        return ""
+    lines = ["| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for i, t in enumerate(per_task):
+        info = t.get("method_info", {})
+        lines.append(f"| {i + 1}. {t['task']} | " + " | ".join(_cell(info.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _data_line(results: dict[str, Any]) -> str:
+    if results["data_free"]:
+        return "Data-free: yes (no example of a finished task is kept or used later)."
+    return (
+        "Data-free: **no**: it trains on examples of tasks other than the current one (a stored memory, "
+        "or every task's data at once); the method details give the memory where there is one."
+    )
 
 
 def metrics_line(metrics: dict[str, float | None]) -> str:
@@ -38,10 +83,8 @@ def setup_line(results: dict[str, Any]) -> str:
     if not c:
         return ""
     lora, train, bench = c["lora"], c["train"], c["benchmark"]
-    options = {k: v for k, v in c["method"].items() if k != "name"}
-    opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
     return (
-        f"Setup: method options {opts}; LoRA r={lora['r']}, alpha={lora['alpha']} on "
+        f"Setup: LoRA r={lora['r']}, alpha={lora['alpha']} on "
         f"{', '.join(lora['target_modules'])}; lr {train['lr']}, {train['epochs']} epoch(s), batch "
         f"{train['batch_size']}x{train['grad_accum']}, max length {train['max_length']}, "
         f"seed {train['seed']}; "
@@ -49,20 +92,30 @@ def setup_line(results: dict[str, Any]) -> str:
     )
 
 
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     m = results["metrics"]
     per_task = results["per_task"]
     rows = "\n".join(
         f"| {i + 1}. {t['task']} | {t['train_examples']} | {t['test_examples']} | {t['train_seconds']:.1f} | "
-        f"{t['eval_seconds']:.1f} | {t['train_tokens_per_s']:.0f} | {t['final_loss']:.3f} | "
+        f"{t['eval_seconds']:.1f} | {t['train_tokens_per_s']:.0f} | {_loss(t['final_loss'])} | "
         f"{_bytes(t['adapter_bytes'])} | {t['stored_adapters']} |"
         for i, t in enumerate(per_task)
     )
-    data_note = "" if results["data_free"] else " (not data-free: stores past examples)"
-    text = f"""# Continual-learning run: {results["method"]}{data_note}
+    data_note = "" if results["data_free"] else " (not data-free)"
+    role = ROLE_LABELS.get(results.get("role", "continual"), "")
+    options = ", ".join(f"{k}={v}" for k, v in results.get("method_options", {}).items()) or "none"
+    info = method_info_table(per_task)
+    details = f"\n## Method details\n\n{info}\n" if info else ""
+    text = f"""# Continual-learning run: {results["method"]}{role}{data_note}
 
 Model `{results["model"]}`, benchmark `{results["benchmark"]}`, {len(results["tasks"])} tasks:
 {" → ".join(results["tasks"])}.
+Method options: {options}.
+{_data_line(results)}
 
 {setup_line(results)}
 
@@ -77,7 +130,7 @@ FWT = score on the next task before training on it, minus the base model's; see 
 
 ## Accuracy matrix
 
-Row i: scores on every task after training task i (diagonal in bold).
+{MATRIX_ROWS.get(results.get("matrix_rows", "after_each_task"), "")}
 
 {matrix_table(results)}
 
@@ -88,7 +141,7 @@ Row i: scores on every task after training task i (diagonal in bold).
 | task | train ex. | test ex. | train s | eval s | train tok/s | final loss | adapter | adapters |
 |---|---|---|---|---|---|---|---|---|
 {rows}
-
+{details}
 Total: train {results["timings"]["train_total"]:.0f} s, eval {results["timings"]["eval_total"]:.0f} s,
 wall {results["timings"]["wall"]:.0f} s on `{results["device"]}`.
 The final adapter is in `adapter/` (stock PEFT format).
@@ -108,7 +161,11 @@ def plot_matrix(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
     ax.set_xticks(range(len(tasks)), labels=tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(tasks)), labels=[f"after {i + 1}. {t}" for i, t in enumerate(tasks)])
+    if results.get("matrix_rows") == "final_model":
+        row_labels = ["final (joint)"] * len(tasks)
+    else:
+        row_labels = [f"after {i + 1}. {t}" for i, t in enumerate(tasks)]
+    ax.set_yticks(range(len(tasks)), labels=row_labels)
     ax.set_xlabel("evaluated task")
     ax.set_title(
         f"{results['method']}: AP {_fmt(results['metrics']['AP'])}, BWT {_fmt(results['metrics']['BWT'])}"

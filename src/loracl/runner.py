@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from .metrics import all_metrics
 from .models import LoadedModel, load_model
 from .report import matrix_table, metrics_line, plot_matrix, write_report
 from .text import PromptEncoder
-from .training import train_task
+from .training import TrainStats, train_task
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
@@ -94,12 +95,15 @@ class ContinualRun:
         c = self.config
         return {
             "method": self.method.name,
+            "method_options": self.method.options.model_dump(mode="json"),
+            "role": self.method.role,
             "data_free": self.method.data_free,
             "model": c.model.name,
             "benchmark": c.benchmark.name,
             "order": None if c.benchmark.tasks else c.benchmark.order,
             "tasks": [t.name for t in self.tasks],
             "matrix": [],
+            "matrix_rows": self._matrix_rows(),
             "zero_shot": None,
             "metrics": {},
             "timings": {"train": [], "eval": [], "zero_shot_eval": 0.0},
@@ -111,6 +115,14 @@ class ContinualRun:
             "config": c.model_dump(mode="json"),
             "complete": False,
         }
+
+    def _matrix_rows(self) -> str:
+        """What the rows of the accuracy matrix mean for this kind of run (results.json `matrix_rows`)."""
+        if self.method.joint_training:
+            return "final_model"  # every row: the model after one joint training on all tasks
+        if not self.method.trains:
+            return "unchanged_model"  # every row: the same untrained model
+        return "after_each_task"  # row i: after training task i
 
     def evaluate_all(self, description: str) -> tuple[list[float], float]:
         start = time.perf_counter()
@@ -124,12 +136,10 @@ class ContinualRun:
         self.results["timings"]["zero_shot_eval"] = seconds
         print(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
 
-    def learn(self, index: int, task: Task) -> None:
-        """Train task `index` (1-based) through the method's hooks, then evaluate on every task."""
-        T = len(self.tasks)
-        task_dir = self.run_dir / "tasks" / f"{index}-{task.name}"
+    def context(self, index: int, task: Task, folder: str) -> TaskContext:
+        task_dir = self.run_dir / "tasks" / folder
         task_dir.mkdir(parents=True, exist_ok=True)
-        ctx = TaskContext(
+        return TaskContext(
             index=index,
             task=task,
             task_dir=task_dir,
@@ -139,6 +149,9 @@ class ContinualRun:
             batch_size=self.config.train.batch_size,
             seed=self.config.train.seed,
         )
+
+    def train(self, ctx: TaskContext, description: str) -> TrainStats:
+        """One training through the method's hooks: before_task, the shared loop, after_task."""
         self.method.before_task(self.model, ctx)
         stats = train_task(
             self.model,
@@ -146,41 +159,85 @@ class ContinualRun:
             ctx.encoded,
             self.config.train,
             ctx.pad_id,
-            seed=self.config.train.seed * 1000 + index,
-            description=f"task {index}/{T} {task.name}",
+            seed=self.config.train.seed * 1000 + ctx.index,
+            description=description,
         )
         self.method.after_task(self.model, ctx)
-        scores, eval_seconds = self.evaluate_all(f"eval after {task.name}")
+        return stats
+
+    def learn(self, index: int, task: Task) -> None:
+        """Train task `index` (1-based) through the method's hooks, then evaluate on every task.
+
+        A method that does not train (`trains = False`) is evaluated once; the model never changes, so that
+        row stands for every later step."""
+        T = len(self.tasks)
+        ctx = self.context(index, task, f"{index}-{task.name}")
+        stats = self.train(ctx, f"task {index}/{T} {task.name}") if self.method.trains else None
+        if self.method.trains or not self.results["matrix"]:
+            scores, eval_seconds = self.evaluate_all(f"eval after {task.name}")
+        else:
+            scores, eval_seconds = list(self.results["matrix"][-1]), 0.0
+        self.results["matrix"].append(scores)
+        self.record(f"[{index}/{T}]", task.name, len(task.train), len(task.test), stats, scores, eval_seconds)
+
+    def learn_jointly(self) -> None:
+        """`joint_training`: one training on the shuffled union of all tasks' training data, then one
+        evaluation; every row of the matrix is the final model's scores (only the last row is meaningful)."""
+        union = [ex for task in self.tasks for ex in task.train]
+        random.Random(f"{self.config.train.seed}:joint").shuffle(union)
+        names = "+".join(t.name for t in self.tasks)
+        joint = Task("joint", union, [], [], None, "n/a", f"union of {names}")
+        ctx = self.context(1, joint, "joint")
+        stats = self.train(ctx, f"joint training on {len(self.tasks)} tasks")
+        scores, eval_seconds = self.evaluate_all("eval after joint training")
+        self.results["matrix"] = [list(scores) for _ in self.tasks]
+        tests = sum(len(t.test) for t in self.tasks)
+        self.record("[joint]", f"joint ({names})", len(union), tests, stats, scores, eval_seconds)
+
+    def record(
+        self,
+        step: str,
+        name: str,
+        train_examples: int,
+        test_examples: int,
+        stats: TrainStats | None,
+        scores: list[float],
+        eval_seconds: float,
+    ) -> None:
+        """Store one training step's timings, sizes and method details; print its line; save results.json."""
         r = self.results
-        r["matrix"].append(scores)
-        r["timings"]["train"].append(stats.seconds)
+        train_seconds = stats.seconds if stats else 0.0
+        r["timings"]["train"].append(train_seconds)
         r["timings"]["eval"].append(eval_seconds)
         r["adapter_bytes"].append(self.method.adapter_bytes(self.model))
         r["stored_adapters"].append(self.method.stored_adapters(self.model))
         r["per_task"].append(
             {
-                "task": task.name,
-                "train_examples": len(task.train),
-                "test_examples": len(task.test),
-                "train_steps": stats.steps,
-                "train_tokens": stats.tokens,
-                "train_seconds": stats.seconds,
-                "train_tokens_per_s": stats.tokens_per_second,
+                "task": name,
+                "train_examples": train_examples,
+                "test_examples": test_examples,
+                "train_steps": stats.steps if stats else 0,
+                "train_tokens": stats.tokens if stats else 0,
+                "train_seconds": train_seconds,
+                "train_tokens_per_s": stats.tokens_per_second if stats else 0.0,
                 "eval_seconds": eval_seconds,
-                "final_loss": stats.final_loss,
-                "truncated_prompts": stats.truncated,
+                "final_loss": stats.final_loss if stats else None,
+                "truncated_prompts": stats.truncated if stats else 0,
                 "adapter_bytes": r["adapter_bytes"][-1],
                 "stored_adapters": r["stored_adapters"][-1],
                 "method_state_bytes": self.method.state_bytes(),
+                "method_info": self.method.task_info() if stats else {},
             }
         )
-        if stats.truncated:
-            print(
-                f"  note: {stats.truncated} prompts of {task.name} cut on the left to fit train.max_length"
-            )
+        if stats and stats.truncated:
+            print(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
+        trained = (
+            f"loss {stats.final_loss:.3f}, {stats.tokens_per_second:.0f} tok/s, train {stats.seconds:.0f} s"
+            if stats
+            else "no training"
+        )
         print(
-            f"[{index}/{T}] {task.name}: loss {stats.final_loss:.3f}, {stats.tokens_per_second:.0f} tok/s, "
-            f"train {stats.seconds:.0f} s, eval {eval_seconds:.0f} s | "
+            f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
             + " ".join(f"{t.name} {s:.1f}" for t, s in zip(self.tasks, scores, strict=True))
         )
         write_json_atomic(self.results, self.run_dir / "results.json")
@@ -188,7 +245,7 @@ class ContinualRun:
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
         self.method.export(self.model, self.run_dir / "adapter")
-        r["metrics"] = all_metrics(r["matrix"], r["zero_shot"])
+        r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=not self.method.joint_training)
         t = r["timings"]
         t["train_total"] = sum(t["train"])
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
@@ -224,8 +281,11 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
     cl = ContinualRun(config, method, tasks, loaded, run_dir)
     if config.eval.zero_shot:
         cl.zero_shot()
-    for index, task in enumerate(tasks, start=1):
-        cl.learn(index, task)
+    if method.joint_training:
+        cl.learn_jointly()
+    else:
+        for index, task in enumerate(tasks, start=1):
+            cl.learn(index, task)
     results = cl.finish(time.perf_counter() - start)
     print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
     print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")

@@ -122,7 +122,7 @@ def train_task(
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
     bar = progress(total=micro_steps, desc=description, unit="step")
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
-        batch = collate([encoded[i] for i in batch_ids], pad_id, device)
+        batch = collate(method.augment_batch([encoded[i] for i in batch_ids]), pad_id, device)
         with method.step_context(model, batch):
             loss = answer_loss(model, batch)
             extra = method.extra_loss(model, batch)
@@ -130,6 +130,7 @@ def train_task(
         (total / cfg.grad_accum).backward()
         method.after_backward(model)
         if step % cfg.grad_accum == 0 or step == micro_steps:
+            method.before_optimizer_step(model)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -1,6 +1,22 @@
 """Continual-learning methods: one module per method, each registered on import."""
 
-from . import gainlora, gpm, inc_lora, inflora, olora, seq_lora, slao  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration side effects)
+    agem,
+    ewc,
+    gainlora,
+    gpm,
+    inc_lora,
+    inflora,
+    magmax,
+    mtl,
+    olora,
+    replay,
+    seq_lora,
+    slao,
+    task_arithmetic,
+    ties,
+    zero_shot,
+)
 from .base import (
     ContinualMethod,
     MethodOptions,

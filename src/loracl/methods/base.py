@@ -16,6 +16,20 @@ Generic hooks with do-nothing defaults, for methods that need them:
 - `restore(model, directory, manifest)` (class method): re-creates, on a model loaded from an exported
   multi-adapter `adapter/` folder, the extra state the method exported beside the PEFT adapters
   (`loracl.loading.load_adapter` calls it; see `loracl.multi_lora` for the layout).
+
+Inside a training step the loop also calls `augment_batch` (add examples to the step's batch before it is
+collated, e.g. replayed memory) and, once the gradient of an optimizer step is complete (after gradient
+accumulation, before clipping), `before_optimizer_step` (e.g. project that gradient). After `after_task`
+the runner stores `task_info()` (a JSON-able dict) as `per_task[i]["method_info"]` and the report shows it.
+
+Attributes that change the shape of a run (the runner reads them; it never names a method):
+- `trains = False`: nothing is trained and no task hook is called; the model is evaluated once and that
+  row stands for every step of the matrix (the model never changes).
+- `joint_training = True`: one training on the union of every task's training data (shuffled), through
+  the same hooks with one TaskContext for the union; every row of the matrix is the final model's scores,
+  and only AP is defined (BWT, FWT and forgetting are null).
+- `role`: "continual" for a continual-learning method; "upper_bound" or "reference" for comparison points
+  that are not continual methods; results.json and the report label the run with it.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import contextlib
 import difflib
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from peft import PeftModel
@@ -35,6 +49,9 @@ from ..config import LoraSection
 from ..context import TaskContext
 from ..errors import ConfigError
 from ..lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
+from ..text import Encoded
+
+Role = Literal["continual", "upper_bound", "reference"]
 
 
 class MethodOptions(BaseModel):
@@ -50,6 +67,9 @@ class ContinualMethod:
     summary: ClassVar[str]  # one line for `loracl methods`
     data_free: ClassVar[bool] = True  # False when old examples are stored (replay-like methods)
     memory_growth: ClassVar[str] = "constant"  # how stored state grows with the number of tasks T
+    trains: ClassVar[bool] = True  # False: no training at all (see the module docstring)
+    joint_training: ClassVar[bool] = False  # True: one training on the union of all tasks
+    role: ClassVar[Role] = "continual"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, options: MethodOptions, lora: LoraSection) -> None:
@@ -72,6 +92,10 @@ class ContinualMethod:
         """A regulariser added to the task loss of each step, or None."""
         return None
 
+    def augment_batch(self, examples: list[Encoded]) -> list[Encoded]:
+        """The examples of one training step, before collation; a method may add its own (replay)."""
+        return examples
+
     def after_backward(self, model: PeftModel) -> None:
         """Called after each backward pass, before the optimizer step (e.g. to project gradients)."""
 
@@ -82,10 +106,18 @@ class ContinualMethod:
     def after_optimizer_step(self, model: PeftModel) -> None:
         """Called after each optimizer step."""
 
+    def before_optimizer_step(self, model: PeftModel) -> None:
+        """Called once the accumulated gradient of an optimizer step is complete, before clipping and the
+        step itself (e.g. to project that whole gradient)."""
+
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         """Called after training task `ctx.index`; leaves the model as it should be evaluated.
 
         `ctx.task_dir` is the run's `tasks/<i>-<task>/` folder, for per-task artefacts."""
+
+    def task_info(self) -> dict[str, Any]:
+        """A JSON-able summary of what the method did for the task just finished (read after after_task)."""
+        return {}
 
     def export(self, model: PeftModel, directory: Path) -> None:
         """Write the final model's adapter(s) in stock PEFT format."""

@@ -1,0 +1,37 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023), a merging baseline of MagMax (METHODS.md).
+
+After task i the merged delta is λ Σ_{j≤i} τ_j over the sequentially fine-tuned task vectors, computed by
+PEFT's `merge_utils.task_arithmetic` (the combination behind `add_weighted_adapter(combination_type="svd")`),
+then truncated back to one LoRA (see merging_base). λ defaults to 1/i, the mean of the task vectors, as in
+the MagMax authors' baseline (1 / number of tasks).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.utils import merge_utils
+from pydantic import Field
+
+from .base import register
+from .merging_base import MergingMethod, MergingOptions
+
+
+class TaskArithmeticOptions(MergingOptions):
+    scale: float | None = Field(None, gt=0, description="λ per task vector (default 1/i: their mean)")
+
+
+@register
+class TaskArithmetic(MergingMethod):
+    name = "task_arithmetic"
+    summary = (
+        "sequential LoRA fine-tuning; task vectors summed with weight λ (default: their mean), SVD to a LoRA"
+    )
+    Options = TaskArithmeticOptions
+    options: TaskArithmeticOptions
+
+    def weight(self, count: int) -> float:
+        return self.options.scale if self.options.scale is not None else 1.0 / count
+
+    def combine(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        weights = torch.full((len(deltas),), self.weight(len(deltas)), device=deltas[0].device)
+        return merge_utils.task_arithmetic(deltas, weights)
