@@ -9,12 +9,13 @@ import warnings
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import LoraclError
+from .errors import LoraclError, RunInterrupted
 
 EPILOG = """examples:
   loracl run configs/demo.yaml
   loracl run configs/tiny.yaml --set method.name=seq_lora --set train.lr=1e-3 --output runs/tiny-seq
   loracl run configs/demo.yaml --set benchmark.tasks='[agnews,yelp]' --set method.schedule=inv
+  loracl run --resume --output runs/tiny-seq      # continue after a crash or Ctrl-C
   loracl methods
   loracl benchmarks"""
 
@@ -41,6 +42,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", "-o", help="run directory (default: runs/<method>-<date>)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output after its last finished task (config: that run's config.yaml; "
+        "a config given again must match it)",
+    )
     p.set_defaults(handler=_cmd_run)
 
 
@@ -48,8 +55,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runner import run
 
-    config = load_config(args.config, args.overrides)
-    run(config, args.output, overwrite=args.overwrite)
+    given = args.config is not None or args.overrides
+    config = load_config(args.config, args.overrides) if given or not args.resume else None
+    run(config, args.output, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -127,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraclError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        label = "interrupted" if isinstance(exc, RunInterrupted) else "error"
+        print(f"{label}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

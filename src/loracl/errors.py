@@ -4,6 +4,8 @@
 class LoraclError(Exception):
     """Base class of all errors loracl reports to a user without a traceback."""
 
+    exit_code = 2  # the CLI's exit status for this error
+
 
 class ConfigError(LoraclError):
     """A configuration file or override is invalid."""
@@ -15,3 +17,17 @@ class DataError(LoraclError):
 
 class ModelError(LoraclError):
     """A model or tokenizer cannot be loaded."""
+
+
+class CheckpointError(LoraclError):
+    """A checkpoint cannot be written or read, or does not belong to the run being resumed."""
+
+
+class AdapterMismatchError(LoraclError):
+    """An adapter does not fit the base model (other architecture, layer shapes or rank)."""
+
+
+class RunInterrupted(LoraclError):
+    """SIGINT or SIGTERM stopped a run between two training steps; the last checkpoint is kept."""
+
+    exit_code = 130  # the shell's convention for a run stopped by a signal

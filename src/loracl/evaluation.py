@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .data import Example, Task
+from .interrupt import check_interrupt
 from .progress import progress
 from .text import PromptEncoder
 
@@ -94,6 +95,7 @@ class Evaluator:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
         outputs: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
+            check_interrupt()  # long evaluations stop between batches too
             rows = order[start : start + self.batch_size]
             width = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)

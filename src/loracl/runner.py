@@ -1,13 +1,16 @@
 """The recipe: wire config, data, model, method, training loop and evaluation into one continual run.
 
 Run directory (other tools rely on it): config.yaml, results.json, report.md, matrix.png, adapter/ (final
-adapter, stock PEFT format) and tasks/<i>-<task>/ for per-task artefacts written by the method.
+adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts written by the method, and checkpoint/
+(the state after the last finished task, for `--resume`; see loracl.checkpoint).
+
+Reproducibility: the global random generators are re-seeded from (seed, task index) before each task, so
+a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -19,11 +22,14 @@ from typing import Any
 from transformers import set_seed
 
 from . import __version__
-from .config import RunConfig, dump_config
+from .checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_checkpoint
+from .config import RunConfig, build_config, dump_config, read_yaml
 from .context import TaskContext
 from .data import Task, load_benchmark
-from .errors import ConfigError
+from .errors import ConfigError, RunInterrupted
 from .evaluation import Evaluator
+from .files import write_json_atomic
+from .interrupt import check_interrupt, stop_on_signals
 from .methods import ContinualMethod, create_method
 from .metrics import all_metrics
 from .models import LoadedModel, load_model
@@ -31,15 +37,8 @@ from .report import matrix_table, metrics_line, plot_matrix, write_report
 from .text import PromptEncoder
 from .training import TrainStats, train_task
 
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers never see a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+# Keys that may change between a run and its resumption: they do not affect any result.
+HARMLESS_KEYS = ("output_dir", "model.cache_dir")
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> Path:
@@ -47,10 +46,56 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
         raise ConfigError(f"output: {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise ConfigError(f"output: {path} is not empty; choose another --output or pass --overwrite")
+            raise ConfigError(
+                f"output: {path} is not empty; pass --resume to continue that run, --overwrite to replace "
+                "it, or choose another --output"
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def result_relevant_config(config: RunConfig) -> str:
+    """The config less the harmless keys, as canonical JSON: what a checkpoint's config hash covers."""
+    flat = _flatten(config.model_dump(mode="json"))
+    return json.dumps({k: v for k, v in flat.items() if k not in HARMLESS_KEYS}, sort_keys=True)
+
+
+def resumed_config(run_dir: Path, given: RunConfig | None) -> RunConfig:
+    """The config of the run in `run_dir`; a config given again must match it except in harmless keys."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+    saved = build_config(read_yaml(saved_path), str(saved_path))
+    if given is None:
+        return saved
+    old, new = _flatten(saved.model_dump(mode="json")), _flatten(given.model_dump(mode="json"))
+    for key in sorted(old.keys() | new.keys()):
+        if key not in HARMLESS_KEYS and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"--resume: {key} is {new.get(key)!r} but the run in {run_dir} used {old.get(key)!r}; "
+                "resume with the same config (or none: the run's own config.yaml is used)"
+            )
+    return saved
+
+
+def already_complete(run_dir: Path) -> dict[str, Any] | None:
+    """results.json of a finished run, or None."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("complete") is True else None
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -90,6 +135,29 @@ class ContinualRun:
         set_seed(self.config.train.seed)
         self.model = self.method.prepare_model(self.loaded.model)
         self.results = self._empty_results()
+        self.config_digest = config_hash(result_relevant_config(self.config))
+
+    @property
+    def finished(self) -> int:
+        """Training steps (tasks, or the one joint training) finished and recorded."""
+        return len(self.results["per_task"])
+
+    def resume(self) -> None:
+        """Continue from the run directory's checkpoint (if any task had finished)."""
+        device = next(self.model.parameters()).device
+        checkpoint = read_checkpoint(self.run_dir, self.config_digest, device)
+        if checkpoint is None:
+            print("no finished task to resume from: starting from the first task")
+            return
+        restore_checkpoint(self.model, self.method, checkpoint)
+        self.results = checkpoint.results
+        self.results["resumed_after"] = [*self.results.get("resumed_after", []), checkpoint.finished]
+        print(f"resuming after {checkpoint.finished} finished task(s)")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.run_dir, self.model, self.method, self.results, self.finished, self.config_digest
+        )
 
     def _empty_results(self) -> dict[str, Any]:
         c = self.config
@@ -113,6 +181,7 @@ class ContinualRun:
             "device": str(next(self.model.parameters()).device),
             "loracl_version": __version__,
             "config": c.model_dump(mode="json"),
+            "resumed_after": [],  # finished tasks at each --resume of this run
             "complete": False,
         }
 
@@ -152,6 +221,7 @@ class ContinualRun:
 
     def train(self, ctx: TaskContext, description: str) -> TrainStats:
         """One training through the method's hooks: before_task, the shared loop, after_task."""
+        set_seed(self.config.train.seed * 1000 + ctx.index)  # per task: a resumed run draws the same numbers
         self.method.before_task(self.model, ctx)
         stats = train_task(
             self.model,
@@ -241,6 +311,20 @@ class ContinualRun:
             + " ".join(f"{t.name} {s:.1f}" for t, s in zip(self.tasks, scores, strict=True))
         )
         write_json_atomic(self.results, self.run_dir / "results.json")
+        self.checkpoint()
+
+    def run_steps(self) -> None:
+        """Zero-shot evaluation and every training step not finished yet (all of them on a fresh run)."""
+        if self.config.eval.zero_shot and self.results["zero_shot"] is None:
+            self.zero_shot()
+        if self.method.joint_training:
+            if not self.finished:
+                self.learn_jointly()
+            return
+        for index, task in enumerate(self.tasks, start=1):
+            if index > self.finished:
+                check_interrupt()
+                self.learn(index, task)
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
@@ -257,12 +341,32 @@ class ContinualRun:
         return r
 
 
-def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run(
+    config: RunConfig | None,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
 
     Everything that can be checked (method options, data, model) is checked before the run directory is
-    created, so bad input never leaves a half-written run behind."""
+    created, so bad input never leaves a half-written run behind. With `resume`, the run in `output_dir`
+    continues after its last finished task (config None: that run's own config.yaml)."""
     start = time.perf_counter()
+    if resume:
+        if overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        target = output_dir or (config.output_dir if config else None)
+        if target is None:
+            raise ConfigError("--resume needs the run directory: --output RUN_DIR")
+        run_dir = Path(target)
+        config = resumed_config(run_dir, config)
+        done = already_complete(run_dir)
+        if done is not None:
+            print(f"{run_dir}: the run is already complete; nothing to resume")
+            return done
+    elif config is None:
+        raise ConfigError("a config is needed to start a run")
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)
     loaded = load_model(
@@ -271,21 +375,24 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
         device=config.model.device,
         cache_dir=config.model.cache_dir,
     )
-    run_dir = prepare_run_dir(Path(output_dir or config.output_dir or default_run_dir(config)), overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    if not resume:
+        run_dir = prepare_run_dir(Path(output_dir or config.output_dir or default_run_dir(config)), overwrite)
+        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     print(
         f"run directory: {run_dir}\n"
         f"method {method.name} on {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}"
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
     )
     cl = ContinualRun(config, method, tasks, loaded, run_dir)
-    if config.eval.zero_shot:
-        cl.zero_shot()
-    if method.joint_training:
-        cl.learn_jointly()
-    else:
-        for index, task in enumerate(tasks, start=1):
-            cl.learn(index, task)
+    if resume:
+        cl.resume()
+    with stop_on_signals():
+        try:
+            cl.run_steps()
+        except RunInterrupted as exc:
+            kept = f"checkpoint after task {cl.finished} kept" if cl.finished else "no task finished yet"
+            resume_hint = f"resume with: loracl run --resume --output {run_dir}"
+            raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
     results = cl.finish(time.perf_counter() - start)
     print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
     print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainSection
+from .interrupt import check_interrupt
 from .progress import progress
 from .text import Encoded
 
@@ -122,6 +123,7 @@ def train_task(
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
     bar = progress(total=micro_steps, desc=description, unit="step")
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
+        check_interrupt()  # SIGINT/SIGTERM: stop here, between two steps
         batch = collate(method.augment_batch([encoded[i] for i in batch_ids]), pad_id, device)
         with method.step_context(model, batch):
             loss = answer_loss(model, batch)

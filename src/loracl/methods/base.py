@@ -30,6 +30,11 @@ Attributes that change the shape of a run (the runner reads them; it never names
   and only AP is defined (BWT, FWT and forgetting are null).
 - `role`: "continual" for a continual-learning method; "upper_bound" or "reference" for comparison points
   that are not continual methods; results.json and the report label the run with it.
+
+Checkpoints (loracl.checkpoint) after every task save the model's adapters and the method's state between
+tasks: the instance attributes named in `state_attributes` (tensors, dicts, lists, any picklable object).
+State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
+beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from transformers import PreTrainedModel
 
 from ..config import LoraSection
 from ..context import TaskContext
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
 from ..text import Encoded
 
@@ -71,6 +76,7 @@ class ContinualMethod:
     joint_training: ClassVar[bool] = False  # True: one training on the union of all tasks
     role: ClassVar[Role] = "continual"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    state_attributes: ClassVar[tuple[str, ...]] = ()  # attributes kept between tasks (checkpointed)
 
     def __init__(self, options: MethodOptions, lora: LoraSection) -> None:
         self.options = options
@@ -126,6 +132,22 @@ class ContinualMethod:
     @classmethod
     def restore(cls, model: PeftModel, directory: Path, manifest: dict[str, Any]) -> None:
         """Re-create extra exported state (beyond the PEFT adapters) on a loaded model; default: none."""
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state between tasks: the attributes named in `state_attributes`."""
+        return {name: getattr(self, name) for name in self.state_attributes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self.state_attributes if name not in state]
+        if missing:
+            raise CheckpointError(f"method {self.name!r}: the checkpoint lacks its {', '.join(missing)}")
+        for name in self.state_attributes:
+            setattr(self, name, state[name])
+
+    def rebuild(self, model: PeftModel, finished: int) -> None:
+        """Re-create on a freshly prepared model the modules the first `finished` tasks attached beside the
+        PEFT adapters (those the checkpoint re-creates itself), so that their saved weights can be loaded."""
 
     # -- accounting ----------------------------------------------------------------------------
     def adapter_bytes(self, model: PeftModel) -> int:

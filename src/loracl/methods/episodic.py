@@ -37,6 +37,7 @@ class EpisodicMemoryMethod(ContinualMethod):
     memory_growth = "constant (one LoRA + a memory of memory_size examples)"
     Options = MemoryOptions
     options: MemoryOptions
+    state_attributes = ("memory",)  # the memory pickles with its random generators' states
 
     def __init__(self, options: MemoryOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)

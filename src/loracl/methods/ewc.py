@@ -69,6 +69,7 @@ class EWC(ContinualMethod):
     memory_growth = "constant (one LoRA + its Fisher diagonal and anchor)"
     Options = EWCOptions
     options: EWCOptions
+    state_attributes = ("fisher", "anchor", "info")  # `params` are live parameters, found by before_task
 
     def __init__(self, options: EWCOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)
@@ -76,6 +77,9 @@ class EWC(ContinualMethod):
         self.fisher: dict[str, torch.Tensor] = {}  # Σ_i F_i
         self.anchor: dict[str, torch.Tensor] = {}  # θ* after the latest task
         self.info: dict[str, Any] = {}
+
+    def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.fisher:

@@ -158,6 +158,7 @@ class GainLoRA(InfLoRA):
     memory_growth = "O(T): one LoRA and one gate MLP per task, plus per-layer input bases"
     Options = GainLoRAOptions
     options: GainLoRAOptions
+    state_attributes = (*InfLoRA.state_attributes, "gate_basis")
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)
@@ -174,6 +175,14 @@ class GainLoRA(InfLoRA):
         setattr(model, ATTRIBUTE, bank)
         bank.install(model)
         return model
+
+    def rebuild(self, model: PeftModel, finished: int) -> None:
+        """The gates of the finished tasks, frozen and hooked on their branches as add_gate left them."""
+        bank = self.bank(model)
+        for j in range(finished):
+            bank.add_gate()
+            bank.hook_branch(model, j, task_adapter(j + 1))
+        bank.requires_grad_(False)
 
     def step_context(self, model: PeftModel, batch: dict[str, torch.Tensor]):
         return self.bank(model).prompt_only(prompt_mask(batch))

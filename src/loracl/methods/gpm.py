@@ -35,6 +35,7 @@ class GPM(ContinualMethod):
     memory_growth = "constant LoRA, plus a per-layer input basis that grows with T up to n x n"
     Options = GPMOptions
     options: GPMOptions
+    state_attributes = ("bases",)  # `start` is set afresh by before_task
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)

@@ -45,6 +45,7 @@ class InfLoRA(IncLoRA):
     memory_growth = "O(T): one LoRA per task, plus a per-layer input basis of at most n x n"
     Options = InfLoRAOptions
     options: InfLoRAOptions
+    state_attributes = ("bases",)
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)

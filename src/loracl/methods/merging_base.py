@@ -51,6 +51,7 @@ class MergingMethod(ContinualMethod):
     memory_growth = "O(T) (one LoRA's factors per finished task, plus the training and merged LoRAs)"
     Options = MergingOptions
     options: MergingOptions
+    state_attributes = ("task_vectors", "scalings", "info")
 
     def __init__(self, options: MergingOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)

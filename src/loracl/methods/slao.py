@@ -74,6 +74,7 @@ class SLAO(ContinualMethod):
     memory_growth = "constant (one LoRA + the previous fine-tuned and merged factors)"
     Options = SLAOOptions
     options: SLAOOptions
+    state_attributes = ("finetuned", "merged")
 
     def __init__(self, options: SLAOOptions, lora) -> None:
         super().__init__(options, lora)

@@ -1,0 +1,146 @@
+"""Checkpoints after every finished task, so that a crashed or stopped run resumes where it was (`--resume`).
+
+Layout inside the run directory:
+
+    checkpoint/
+      latest.json       {"format": "loracl-checkpoint", "version": 1, "directory": "task-002",
+                         "finished": 2, "config_hash": ...}: the one complete checkpoint to resume from
+      task-002/
+        state.pt        the PEFT configs and tensors of every adapter (and of any module a method attached
+                        beside them, e.g. GainLoRA's gates) and the method's state between tasks
+        results.json    the results so far (matrix rows, zero-shot scores, timings, per_task)
+
+No optimizer state: every task starts a fresh AdamW (loracl.training). A new `task-<k>/` is written under a
+temporary name, flushed to disk and renamed; only then is `latest.json` replaced (atomically), and only then
+are older folders removed. A kill at any moment therefore leaves `latest.json` naming a complete folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from .errors import CheckpointError
+from .files import fsync_dir, write_durable, write_json_atomic, write_json_durable
+from .methods import ContinualMethod
+
+CHECKPOINT_DIR = "checkpoint"
+LATEST = "latest.json"
+STATE = "state.pt"
+RESULTS = "results.json"
+FORMAT = "loracl-checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    finished: int  # training steps (tasks) finished and recorded
+    results: dict[str, Any]
+    state: dict[str, Any]
+
+
+def config_hash(config_yaml: str) -> str:
+    return hashlib.sha256(config_yaml.encode("utf-8")).hexdigest()[:16]
+
+
+def added_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The tensors a run adds to the frozen base model: every LoRA tensor inside PEFT's `base_model`, and
+    every module a method attached to the PeftModel beside it (GainLoRA's gates)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("base_model.") or "lora_" in k}
+
+
+def _folder_name(finished: int) -> str:
+    return f"task-{finished:03d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: PeftModel,
+    method: ContinualMethod,
+    results: dict[str, Any],
+    finished: int,
+    digest: str,
+) -> None:
+    """Write the checkpoint after `finished` tasks; the previous one stays valid until this one is done."""
+    root = run_dir / CHECKPOINT_DIR
+    target = root / _folder_name(finished)
+    partial = root / f".{target.name}.partial"
+    payload = {
+        "peft_configs": dict(model.peft_config),
+        "tensors": added_state(model),
+        "method": method.state_dict(),
+    }
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write_durable(partial / STATE, lambda handle: torch.save(payload, handle))
+        write_json_durable(results, partial / RESULTS)
+        fsync_dir(partial)
+        if target.exists():  # left by a run that died before naming it in latest.json: never the live one
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        fsync_dir(root)
+        latest = {"format": FORMAT, "version": 1, "directory": target.name, "finished": finished}
+        write_json_atomic({**latest, "config_hash": digest}, root / LATEST)
+        fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = f"the checkpoint after task {finished - 1} is intact" if finished > 1 else "no checkpoint yet"
+        raise CheckpointError(
+            f"cannot write the checkpoint after task {finished} in {root} ({exc.strerror or exc}); {kept}"
+        ) from exc
+    for old in root.glob("task-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_latest(root: Path) -> dict[str, Any]:
+    try:
+        latest = json.loads((root / LATEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{root / LATEST}: unreadable ({exc})") from exc
+    if not isinstance(latest, dict) or latest.get("format") != FORMAT:
+        raise CheckpointError(f"{root / LATEST}: not a loracl checkpoint pointer")
+    return latest
+
+
+def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpoint | None:
+    """The latest complete checkpoint of `run_dir` (None when no task had finished)."""
+    root = run_dir / CHECKPOINT_DIR
+    if not (root / LATEST).is_file():
+        return None
+    latest = _read_latest(root)
+    if latest.get("config_hash") != digest:
+        raise CheckpointError(f"{root}: written for another configuration than {run_dir / 'config.yaml'}")
+    folder = root / str(latest.get("directory"))
+    try:
+        results = json.loads((folder / RESULTS).read_text(encoding="utf-8"))
+        # weights_only=False: method state holds plain Python objects (e.g. a replay memory and its random
+        # generators); a checkpoint is a file the run itself wrote into the user's own run directory.
+        state = torch.load(folder / STATE, map_location=device, weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({exc})") from exc
+    return Checkpoint(int(latest["finished"]), results, state)
+
+
+def restore_checkpoint(model: PeftModel, method: ContinualMethod, checkpoint: Checkpoint) -> None:
+    """Bring a freshly prepared model and method to the state they had when `checkpoint` was written."""
+    for name, adapter_config in checkpoint.state["peft_configs"].items():
+        if name not in model.peft_config:  # adapters added by later tasks, in their original order
+            model.add_adapter(name, adapter_config)
+    method.rebuild(model, checkpoint.finished)
+    tensors = checkpoint.state["tensors"]
+    expected = added_state(model).keys()
+    if expected != tensors.keys():
+        odd = sorted(expected ^ tensors.keys())[:3]
+        raise CheckpointError(f"the checkpoint does not fit the model built from the config (e.g. {odd})")
+    model.load_state_dict(tensors, strict=False)
+    method.load_state_dict(checkpoint.state["method"])

@@ -1,0 +1,40 @@
+"""Stop a run cleanly on SIGINT/SIGTERM: the signal only sets a flag, and the training loop, which checks it
+between steps, raises RunInterrupted there, so no half-done step or half-written file is left behind."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import RunInterrupted
+
+_received: list[str] = []  # names of the signals received while a guard is active
+
+
+def _handler(signum: int, _frame) -> None:
+    _received.append(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGINT/SIGTERM request a stop instead of killing the process; the previous handlers
+    are restored on exit. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _received.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received.clear()
+
+
+def check_interrupt() -> None:
+    """Raise RunInterrupted if a stop was requested (called by the training loop at every step)."""
+    if _received:
+        raise RunInterrupted(f"stopped by {_received[0]}")
