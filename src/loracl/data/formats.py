@@ -82,12 +82,22 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
+def _decode_json(text: str, where: str) -> Any:
+    """json.loads with every decoding failure as a DataError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        place = f"line {exc.lineno}, column {exc.colno}" if "\n" in text else f"column {exc.colno}"
+        raise DataError(f"{where}invalid JSON at {place}: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{where}JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise DataError(f"{where}invalid JSON: {exc}") from None
+
+
 def read_json(path: Path) -> Any:
     """Decode a whole JSON file, reporting syntax errors with their line and column."""
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return _decode_json(_read_text(path), f"{path}: ")
 
 
 def _json_list_items(path: Path) -> Items:
@@ -103,10 +113,7 @@ def _jsonl_items(path: Path) -> Items:
     for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            items.append((f"{path}: line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+        items.append((f"{path}: line {number}", _decode_json(line, f"{path}: line {number}: ")))
     return items
 
 

@@ -195,8 +195,10 @@ def create_method(name: str, options: dict[str, Any], lora: LoraSection) -> Cont
         key = "method." + ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
             valid = list(cls.Options.model_fields)
+            close = difflib.get_close_matches(str(first["loc"][0]), valid, n=1)
+            hint = f" (did you mean 'method.{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"{key}: unknown option for method {name!r}; its options: {', '.join(valid) or 'none'}"
+                f"{key}: unknown option for method {name!r}{hint}; its options: {', '.join(valid) or 'none'}"
             ) from err
         raise ConfigError(f"{key}: {first['msg']} (got {first.get('input')!r})") from err
     return cls(parsed, lora)
