@@ -20,6 +20,8 @@ import loracl.checkpoint
 from loracl import runner
 from loracl.cli import main
 from loracl.config import load_config
+from loracl.errors import RunInterrupted
+from loracl.interrupt import check_interrupt, stop_on_signals
 from loracl.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,19 @@ def reference(tmp_path_factory) -> Path:
 def test_same_seed_gives_identical_results(reference: Path, tmp_path: Path) -> None:
     run(small_config(), tmp_path / "again")
     assert_same_outcome(outcome(reference), outcome(tmp_path / "again"))
+    per_task = json.loads((reference / "results.json").read_text())["per_task"]
+    assert all(p["truncated_prompts"] > 0 for p in per_task)  # train.max_length=64 cuts prompts: counted
+
+
+def test_a_second_signal_stops_at_once() -> None:
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(RunInterrupted, match="stopped by SIGINT"):
+            check_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    check_interrupt()  # the request is forgotten once the guard is left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 KILL_SCRIPT = """

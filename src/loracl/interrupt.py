@@ -14,13 +14,16 @@ _received: list[str] = []  # names of the signals received while a guard is acti
 
 
 def _handler(signum: int, _frame) -> None:
+    if _received:  # a second signal: the user will not wait for the step to end
+        raise KeyboardInterrupt
     _received.append(signal.Signals(signum).name)
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While active, SIGINT/SIGTERM request a stop instead of killing the process; the previous handlers
-    are restored on exit. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    """While active, SIGINT/SIGTERM request a stop instead of killing the process (a second one stops at
+    once); the previous handlers are restored on exit. Outside the main thread (where Python cannot install
+    handlers) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
