@@ -341,6 +341,29 @@ class ContinualRun:
         return r
 
 
+def _resume_target(
+    config: RunConfig | None, output_dir: str | Path | None, overwrite: bool
+) -> tuple[Path, RunConfig]:
+    """The run directory to resume and its config (checked against `config` when one is given)."""
+    if overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    target = output_dir or (config.output_dir if config else None)
+    if target is None:
+        raise ConfigError("--resume needs the run directory: --output RUN_DIR")
+    return Path(target), resumed_config(Path(target), config)
+
+
+def _run_steps_until_stopped(cl: ContinualRun) -> None:
+    """All remaining steps; SIGINT/SIGTERM stop between two steps with the way to resume in the message."""
+    with stop_on_signals():
+        try:
+            cl.run_steps()
+        except RunInterrupted as exc:
+            kept = f"checkpoint after task {cl.finished} kept" if cl.finished else "no task finished yet"
+            resume_hint = f"resume with: loracl run --resume --output {cl.run_dir}"
+            raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
+
+
 def run(
     config: RunConfig | None,
     output_dir: str | Path | None = None,
@@ -354,13 +377,7 @@ def run(
     continues after its last finished task (config None: that run's own config.yaml)."""
     start = time.perf_counter()
     if resume:
-        if overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other")
-        target = output_dir or (config.output_dir if config else None)
-        if target is None:
-            raise ConfigError("--resume needs the run directory: --output RUN_DIR")
-        run_dir = Path(target)
-        config = resumed_config(run_dir, config)
+        run_dir, config = _resume_target(config, output_dir, overwrite)
         done = already_complete(run_dir)
         if done is not None:
             print(f"{run_dir}: the run is already complete; nothing to resume")
@@ -386,13 +403,7 @@ def run(
     cl = ContinualRun(config, method, tasks, loaded, run_dir)
     if resume:
         cl.resume()
-    with stop_on_signals():
-        try:
-            cl.run_steps()
-        except RunInterrupted as exc:
-            kept = f"checkpoint after task {cl.finished} kept" if cl.finished else "no task finished yet"
-            resume_hint = f"resume with: loracl run --resume --output {run_dir}"
-            raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
+    _run_steps_until_stopped(cl)
     results = cl.finish(time.perf_counter() - start)
     print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
     print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
