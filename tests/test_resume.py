@@ -20,7 +20,7 @@ import loracl.checkpoint
 from loracl import runner
 from loracl.cli import main
 from loracl.config import load_config
-from loracl.errors import RunInterrupted
+from loracl.errors import CheckpointError, RunInterrupted
 from loracl.interrupt import check_interrupt, stop_on_signals
 from loracl.runner import run
 
@@ -231,8 +231,19 @@ def test_full_disk_keeps_the_previous_checkpoint(
     assert "checkpoint after task 1 is intact" in err
     assert finished_tasks(out) == 1
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["latest.json", "task-001"]
-    run(None, out, resume=True)
+
+    def full_disk(*args) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:  # resumed, the disk is full again when the report is written
+        patch.setattr(runner, "write_report", full_disk)
+        assert main(["run", "--resume", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot write the final adapter and report" in err
+    assert "checkpoint after task 2 is intact" in err and "--resume" in err
+    run(None, out, resume=True)  # space freed: only the final artefacts remain to be written
     assert_same_outcome(outcome(reference), outcome(out))
+    assert json.loads((out / "results.json").read_text())["resumed_after"] == [1, 2]
 
 
 def test_resume_refusals(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -247,12 +258,19 @@ def test_resume_refusals(reference: Path, tmp_path: Path, capsys: pytest.Capture
     assert "already complete" in capsys.readouterr().out
 
 
-def test_checkpoint_for_another_config_is_refused(reference: Path, tmp_path: Path) -> None:
+def test_edited_config_or_damaged_checkpoint_is_refused(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "edited"
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):
         fail_in_task(patch, 2, crash)
         run(small_config(), out)
     config_yaml = out / "config.yaml"
-    config_yaml.write_text(config_yaml.read_text().replace("seed: 0", "seed: 1"))
-    with pytest.raises(loracl.checkpoint.CheckpointError, match="another configuration"):
+    original = config_yaml.read_text()
+    config_yaml.write_text(original.replace("seed: 0", "seed: 1"))
+    with pytest.raises(CheckpointError, match="another configuration"):
         run(None, out, resume=True)
+    config_yaml.write_text(original)
+    state = out / "checkpoint" / "task-001" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a damaged file (not one our atomic writes can leave)
+    with pytest.raises(CheckpointError, match=r"task-001: unreadable checkpoint") as excinfo:
+        run(None, out, resume=True)
+    assert "\n" not in str(excinfo.value)

@@ -127,7 +127,8 @@ def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpo
         # generators); a checkpoint is a file the run itself wrote into the user's own run directory.
         state = torch.load(folder / STATE, map_location=device, weights_only=False)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder}: unreadable checkpoint ({exc})") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({reason})") from exc
     return Checkpoint(int(latest["finished"]), results, state)
 
 

@@ -10,10 +10,12 @@ a run resumed after task k draws the same numbers for task k + 1 as an uninterru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from .checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_c
 from .config import RunConfig, build_config, dump_config, read_yaml
 from .context import TaskContext
 from .data import Task, load_benchmark
-from .errors import ConfigError, RunInterrupted
+from .errors import CheckpointError, ConfigError, RunInterrupted
 from .evaluation import Evaluator
 from .files import write_json_atomic
 from .interrupt import check_interrupt, stop_on_signals
@@ -153,6 +155,19 @@ class ContinualRun:
         self.results = checkpoint.results
         self.results["resumed_after"] = [*self.results.get("resumed_after", []), checkpoint.finished]
         print(f"resuming after {checkpoint.finished} finished task(s)")
+
+    @contextlib.contextmanager
+    def write_errors(self, what: str, checkpointed: int) -> Iterator[None]:
+        """A failed write (a full disk, a read-only folder) as one clear error saying what survives: the
+        checkpoint after task `checkpointed`."""
+        try:
+            yield
+        except OSError as exc:
+            kept = f"the checkpoint after task {checkpointed} is intact" if checkpointed else "no checkpoint"
+            raise CheckpointError(
+                f"cannot write {what} in {self.run_dir} ({exc.strerror or exc}); {kept}; "
+                f"resume with: loracl run --resume --output {self.run_dir}"
+            ) from exc
 
     def checkpoint(self) -> None:
         save_checkpoint(
@@ -319,12 +334,14 @@ class ContinualRun:
             self.zero_shot()
         if self.method.joint_training:
             if not self.finished:
-                self.learn_jointly()
+                with self.write_errors("the files of the joint training", 0):
+                    self.learn_jointly()
             return
         for index, task in enumerate(self.tasks, start=1):
             if index > self.finished:
                 check_interrupt()
-                self.learn(index, task)
+                with self.write_errors(f"the files of task {index}", index - 1):
+                    self.learn(index, task)
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
@@ -335,9 +352,9 @@ class ContinualRun:
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
         t["wall"] = wall_seconds
         r["complete"] = True
-        write_json_atomic(r, self.run_dir / "results.json")
         write_report(r, self.run_dir / "report.md")
         plot_matrix(r, self.run_dir / "matrix.png")
+        write_json_atomic(r, self.run_dir / "results.json")  # last: "complete" means every file is there
         return r
 
 
@@ -404,7 +421,8 @@ def run(
     if resume:
         cl.resume()
     _run_steps_until_stopped(cl)
-    results = cl.finish(time.perf_counter() - start)
+    with cl.write_errors("the final adapter and report", cl.finished):
+        results = cl.finish(time.perf_counter() - start)
     print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
     print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
     return results
