@@ -28,6 +28,6 @@ class AdapterMismatchError(LoraclError):
 
 
 class RunInterrupted(LoraclError):
-    """SIGINT or SIGTERM stopped a run between two training steps; the last checkpoint is kept."""
+    """SIGINT or SIGTERM stopped a run between two training or evaluation steps; the checkpoint is kept."""
 
     exit_code = 130  # the shell's convention for a run stopped by a signal
