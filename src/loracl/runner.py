@@ -2,6 +2,9 @@
 
 Run directory (other tools rely on it): config.yaml, results.json, report.md, matrix.png, adapter/ (final
 adapter, stock PEFT format) and tasks/<i>-<task>/ for per-task artefacts written by the method.
+
+Launched with several processes (`accelerate launch`, `torchrun`) every process runs the same sequence on
+its share of the data (see loracl.distributed); only the main process writes files or prints.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import __version__
+from . import __version__, distributed
 from .config import RunConfig, dump_config
 from .context import TaskContext
 from .data import Task, load_benchmark
@@ -32,8 +35,17 @@ from .text import PromptEncoder
 from .training import TrainStats, train_task
 
 
+def say(*args: Any) -> None:
+    """print, on the main process only (the others would repeat every line)."""
+    if distributed.is_main():
+        print(*args)
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers never see a torn file."""
+    """Write to a temporary name, flush to disk, then rename: readers never see a torn file.
+    Only the main process writes."""
+    if not distributed.is_main():
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
@@ -51,6 +63,10 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_config(run_dir: Path, config: RunConfig) -> None:
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -71,6 +87,12 @@ def load_tasks(config: RunConfig) -> list[Task]:
     )
 
 
+def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:
+    """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
+    encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
+    return Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
+
+
 @dataclass
 class ContinualRun:
     """One continual-learning sequence: everything validated and loaded, ready to train."""
@@ -82,12 +104,9 @@ class ContinualRun:
     run_dir: Path
 
     def __post_init__(self) -> None:
-        tokenizer = self.loaded.tokenizer
-        self.encoder = PromptEncoder(tokenizer, self.config.train.max_length, self.config.model.chat_template)
-        self.evaluator = Evaluator(
-            tokenizer, self.encoder, self.config.eval.batch_size, self.config.eval.max_new_tokens
-        )
-        set_seed(self.config.train.seed)
+        self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
+        self.encoder = self.evaluator.encoder
+        set_seed(self.config.train.seed)  # the same initial adapters on every process
         self.model = self.method.prepare_model(self.loaded.model)
         self.results = self._empty_results()
 
@@ -111,6 +130,7 @@ class ContinualRun:
             "stored_adapters": [],
             "per_task": [],
             "device": str(next(self.model.parameters()).device),
+            "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
             "loracl_version": __version__,
             "config": c.model_dump(mode="json"),
             "complete": False,
@@ -134,11 +154,12 @@ class ContinualRun:
             scores, seconds = self.evaluate_all("zero-shot eval")
         self.results["zero_shot"] = scores
         self.results["timings"]["zero_shot_eval"] = seconds
-        print(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
+        say(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
 
     def context(self, index: int, task: Task, folder: str) -> TaskContext:
         task_dir = self.run_dir / "tasks" / folder
-        task_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            task_dir.mkdir(parents=True, exist_ok=True)
         return TaskContext(
             index=index,
             task=task,
@@ -163,7 +184,19 @@ class ContinualRun:
             description=description,
         )
         self.method.after_task(self.model, ctx)
+        self.check_replicas()
         return stats
+
+    def check_replicas(self) -> None:
+        """Processes apply the same summed gradients and the same method updates, so the adapters must be
+        identical everywhere (SLAO's QR and merge, for instance, act on them with no further exchange);
+        record the largest difference seen, and stop if the copies drifted apart."""
+        adapters = [p for n, p in self.model.named_parameters() if p.requires_grad or "lora_" in n]
+        diff = distributed.max_replica_difference(adapters)
+        info = self.results["distributed"]
+        info["replica_max_abs_diff"] = max(info["replica_max_abs_diff"], diff)
+        if diff > 1e-3:
+            raise RuntimeError(f"adapters differ across processes by {diff:.3g}: training diverged")
 
     def learn(self, index: int, task: Task) -> None:
         """Train task `index` (1-based) through the method's hooks, then evaluate on every task.
@@ -230,13 +263,13 @@ class ContinualRun:
             }
         )
         if stats and stats.truncated:
-            print(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
+            say(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
         trained = (
             f"loss {stats.final_loss:.3f}, {stats.tokens_per_second:.0f} tok/s, train {stats.seconds:.0f} s"
             if stats
             else "no training"
         )
-        print(
+        say(
             f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
             + " ".join(f"{t.name} {s:.1f}" for t, s in zip(self.tasks, scores, strict=True))
         )
@@ -244,7 +277,8 @@ class ContinualRun:
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
-        self.method.export(self.model, self.run_dir / "adapter")
+        if distributed.is_main():
+            self.method.export(self.model, self.run_dir / "adapter")
         r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=not self.method.joint_training)
         t = r["timings"]
         t["train_total"] = sum(t["train"])
@@ -252,8 +286,10 @@ class ContinualRun:
         t["wall"] = wall_seconds
         r["complete"] = True
         write_json_atomic(r, self.run_dir / "results.json")
-        write_report(r, self.run_dir / "report.md")
-        plot_matrix(r, self.run_dir / "matrix.png")
+        if distributed.is_main():
+            write_report(r, self.run_dir / "report.md")
+            plot_matrix(r, self.run_dir / "matrix.png")
+        distributed.barrier()  # the other processes leave once the run directory is complete
         return r
 
 
@@ -263,6 +299,7 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
     Everything that can be checked (method options, data, model) is checked before the run directory is
     created, so bad input never leaves a half-written run behind."""
     start = time.perf_counter()
+    distributed.init()
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)
     loaded = load_model(
@@ -271,12 +308,14 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
         device=config.model.device,
         cache_dir=config.model.cache_dir,
     )
-    run_dir = prepare_run_dir(Path(output_dir or config.output_dir or default_run_dir(config)), overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    print(
+    run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
+    run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
+    distributed.on_main(lambda: write_config(prepare_run_dir(run_dir, overwrite), config))
+    say(
         f"run directory: {run_dir}\n"
         f"method {method.name} on {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}"
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
+        + (f", {distributed.world_size()} processes" if distributed.active() else "")
     )
     cl = ContinualRun(config, method, tasks, loaded, run_dir)
     if config.eval.zero_shot:
@@ -287,6 +326,6 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
         for index, task in enumerate(tasks, start=1):
             cl.learn(index, task)
     results = cl.finish(time.perf_counter() - start)
-    print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
-    print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
+    say("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
+    say(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
     return results

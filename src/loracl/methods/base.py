@@ -30,6 +30,9 @@ Attributes that change the shape of a run (the runner reads them; it never names
   and only AP is defined (BWT, FWT and forgetting are null).
 - `role`: "continual" for a continual-learning method; "upper_bound" or "reference" for comparison points
   that are not continual methods; results.json and the report label the run with it.
+
+`merge_obstacle` (None by default) says why the exported adapters cannot be added into the base weights,
+for methods whose model is not W0 + a fixed update (`loracl export --merge` refuses with that reason).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class ContinualMethod:
     trains: ClassVar[bool] = True  # False: no training at all (see the module docstring)
     joint_training: ClassVar[bool] = False  # True: one training on the union of all tasks
     role: ClassVar[Role] = "continual"
+    merge_obstacle: ClassVar[str | None] = None  # why `export --merge` is impossible; None: it is fine
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, options: MethodOptions, lora: LoraSection) -> None:
@@ -88,8 +92,11 @@ class ContinualMethod:
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
         """Called before training task `ctx.index` (1-based)."""
 
-    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """A regulariser added to the task loss of each step, or None."""
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """A regulariser of the parameters added to the task loss of each step, or None.
+
+        With several processes each computes it and the loop divides it by their number, so it must not
+        depend on the process's share of the batch; `batch` is None on a process whose share is empty."""
         return None
 
     def augment_batch(self, examples: list[Encoded]) -> list[Encoded]:
