@@ -275,6 +275,21 @@ class ContinualRun:
         )
         write_json_atomic(self.results, self.run_dir / "results.json")
 
+    def run_all(self, start: float) -> dict[str, Any]:
+        """Zero-shot evaluation, every task (or the joint training), export and reports; `start` is the
+        perf_counter time the run began (for the wall time)."""
+        if self.config.eval.zero_shot:
+            self.zero_shot()
+        if self.method.joint_training:
+            self.learn_jointly()
+        else:
+            for index, task in enumerate(self.tasks, start=1):
+                self.learn(index, task)
+        results = self.finish(time.perf_counter() - start)
+        say("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
+        say(f"wall time {results['timings']['wall']:.0f} s; report: {self.run_dir / 'report.md'}")
+        return results
+
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
         if distributed.is_main():
@@ -294,11 +309,19 @@ class ContinualRun:
 
 
 def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
+    """Run a whole continual-learning sequence and write the run directory; returns results.json's content."""
+    start = time.perf_counter()
+    return prepare_run(config, output_dir, overwrite).run_all(start)
+
+
+def prepare_run(
+    config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False
+) -> ContinualRun:
+    """Check and load everything of a run, then create its directory; `run_all` does the rest (the model
+    stays in memory on the returned object).
 
     Everything that can be checked (method options, data, model) is checked before the run directory is
     created, so bad input never leaves a half-written run behind."""
-    start = time.perf_counter()
     distributed.init()
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)
@@ -317,15 +340,4 @@ def run(config: RunConfig, output_dir: str | Path | None = None, overwrite: bool
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
         + (f", {distributed.world_size()} processes" if distributed.active() else "")
     )
-    cl = ContinualRun(config, method, tasks, loaded, run_dir)
-    if config.eval.zero_shot:
-        cl.zero_shot()
-    if method.joint_training:
-        cl.learn_jointly()
-    else:
-        for index, task in enumerate(tasks, start=1):
-            cl.learn(index, task)
-    results = cl.finish(time.perf_counter() - start)
-    say("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
-    say(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
-    return results
+    return ContinualRun(config, method, tasks, loaded, run_dir)
