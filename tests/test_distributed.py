@@ -13,13 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from loracl import distributed
 from loracl.cli import main
 from loracl.config import load_config
 from loracl.errors import ConfigError
-from loracl.runner import run
+from loracl.methods import create_method
+from loracl.models import tiny_random_llama
+from loracl.runner import load_tasks, run
+from loracl.text import PromptEncoder
+from loracl.training import answer_loss, answer_tokens, collate, share_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -110,3 +115,31 @@ def test_sharding_configs_are_refused_in_one_line(flag, monkeypatch, capsys, tmp
     assert main(["run", str(TINY), "--output", str(tmp_path / "run")]) == 2
     assert "full copy of the model per process" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_token_weighted_shares_add_up_to_the_whole_batch(monkeypatch):
+    """Uneven shares of one global batch: the weighted share losses, and their gradients, sum to the
+    one-process loss and gradient (what summing gradients across processes relies on)."""
+    config = load_config(TINY)
+    base, tokenizer = tiny_random_llama()
+    method = create_method("seq_lora", {}, config.lora)
+    model = method.prepare_model(base)
+    encoder = PromptEncoder(tokenizer, config.train.max_length)
+    examples = [encoder.encode(ex) for ex in load_tasks(config)[0].train[:3]]
+    params = method.trainable_parameters(model)
+    device = next(model.parameters()).device
+
+    def gradient(loss) -> list:
+        return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+    whole = answer_loss(model, collate(examples, tokenizer.pad_token_id, device))
+    expected = gradient(whole)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    total_tokens = answer_tokens(examples)
+    parts = [examples[0::2], examples[1::2]]  # 2 examples and 1, of different lengths
+    pad = tokenizer.pad_token_id
+    losses = [share_loss(model, method, part, total_tokens, pad, device)[0] for part in parts]
+    assert sum(loss.item() for loss in losses) == pytest.approx(whole.item(), rel=1e-6)
+    summed = [a + b for a, b in zip(*(gradient(loss) for loss in losses), strict=True)]
+    for ours, theirs in zip(summed, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
