@@ -234,3 +234,19 @@ def test_gainlora_cached_generation_equals_teacher_forced_scoring(finished):
     with torch.no_grad():  # gates pooled over prompt + answer instead: visibly different
         pooled_all = model(input_ids=sequences, attention_mask=full_mask).logits[:, positions]
     assert (pooled_all - logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method_name", ["inc_lora", "olora", "inflora", "gainlora"])
+def test_finished_tasks_never_require_grad(method_name, tmp_path):
+    """Only the current task's branch (and gate) is trainable: a frozen adapter with requires_grad would
+    take optimizer steps, and under DDP it would be an unused parameter."""
+    config, method, model, (ctx1, ctx2) = setup(method_name, {}, tmp_path)
+    learn(config, method, model, ctx1)
+    method.before_task(model, ctx2)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if "task1" in n]
+    assert all(".task2." in n or "loracl_gates" in n for n in trainable)
+    if method_name == "gainlora":
+        bank = method.bank(model)
+        assert not any(p.requires_grad for p in [*bank.mlps[0].parameters(), bank.keys[0]])
+        assert all(p.requires_grad for p in [*bank.mlps[1].parameters(), bank.keys[1]])

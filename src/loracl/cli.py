@@ -16,6 +16,9 @@ EPILOG = """examples:
   loracl run configs/tiny.yaml --set method.name=seq_lora --set train.lr=1e-3 --output runs/tiny-seq
   loracl run configs/demo.yaml --set benchmark.tasks='[agnews,yelp]' --set method.schedule=inv
   loracl run --resume --output runs/tiny-seq      # continue after a crash or Ctrl-C
+  loracl export runs/tiny --to exported/tiny --merge
+  loracl eval runs/tiny --tasks dbpedia,yahoo --max-test 100
+  loracl predict runs/tiny "Classify the topic: ... Answer:"
   loracl methods
   loracl benchmarks"""
 
@@ -58,6 +61,128 @@ def _cmd_run(args: argparse.Namespace) -> int:
     given = args.config is not None or args.overrides
     config = load_config(args.config, args.overrides) if given or not args.resume else None
     run(config, args.output, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="copy a run's final adapter, or merge it into the base model",
+        description="Write the final adapter of a run to a folder: a stock PEFT LoRA for single-adapter "
+        "methods such as SLAO (servable as is, e.g. by vLLM --enable-lora), the loracl multi-adapter layout "
+        "for inc_lora/olora/inflora/gainlora. With --merge, write the base model with the adapter(s) added "
+        "into its weights (safetensors + config + tokenizer), loadable by transformers alone.",
+    )
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter(s) into the base model's weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export
+
+    target = export(args.run_dir, args.to, merge=args.merge, overwrite=args.overwrite)
+    kind = "merged model (transformers folder)" if args.merge else "adapter"
+    print(f"exported the {kind} to {target}")
+    return 0
+
+
+def _source_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model (default: the run's config, or the adapter's recorded base)")
+    p.add_argument("--device", help="device to run on (default: the run's model.device)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's config (e.g. eval.batch_size=32); repeatable",
+    )
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a saved adapter on benchmark tasks",
+        description="Evaluate the final model of a run (or an adapter folder) on the test sets of any "
+        "benchmark tasks, with the run's prompt settings, and write a results JSON. Without options, the "
+        "run's own benchmark and tasks.",
+    )
+    p.add_argument("source", metavar="ADAPTER_OR_RUN_DIR", help="a run directory or an adapter folder")
+    p.add_argument("--benchmark", help="benchmark format: cl_benchmark, olora, superni, jsonl")
+    p.add_argument("--order", help="a named task order (order1..order6)")
+    p.add_argument("--tasks", help="comma-separated task names (overrides --order)")
+    p.add_argument("--data-dir", help="benchmark data folder")
+    p.add_argument("--max-test", type=int, help="cap on test examples per task")
+    p.add_argument(
+        "--output", "-o", help="results file (default: RUN_DIR/eval.json, or eval.json here for an adapter)"
+    )
+    _source_arguments(p)
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The benchmark options of `loracl eval` as config overrides (applied after --set)."""
+    overrides = list(args.overrides)
+    if args.benchmark:
+        overrides.append(f"benchmark.name={args.benchmark}")
+    if args.order:
+        overrides += [f"benchmark.order={args.order}", "benchmark.tasks=null"]
+    if args.tasks:
+        overrides.append(f"benchmark.tasks=[{args.tasks}]")
+    if args.data_dir:
+        overrides.append(f"benchmark.data_dir={args.data_dir}")
+    if args.max_test:
+        overrides.append(f"benchmark.max_test={args.max_test}")
+    return overrides
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy import evaluate, resolve_source
+    from .distributed import is_main
+
+    source = resolve_source(args.source, _eval_overrides(args), args.model)
+    output = Path(args.output) if args.output else (source.run_dir or Path(".")) / "eval.json"
+    results = evaluate(source, output, args.device)
+    if is_main():
+        for task, value in zip(results["tasks"], results["scores"], strict=True):
+            print(f"{task}: {value:.1f}")
+        print(f"average {results['average']:.1f}; results: {output}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="generate answers with a run's final model",
+        description="Generate (greedy) with the final model of a run or an adapter folder; prints one JSON "
+        'line {"prompt", "output"} per prompt. Prompts are formatted and truncated as in training.',
+    )
+    p.add_argument("source", metavar="RUN_DIR", help="a run directory (or an adapter folder)")
+    p.add_argument("prompt", nargs="*", help="prompt text(s)")
+    p.add_argument("--file", help='JSONL file of prompts: {"prompt": ...} objects or strings, one per line')
+    p.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval cap)")
+    _source_arguments(p)
+    p.set_defaults(handler=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .deploy import predict, read_prompts, resolve_source
+    from .errors import ConfigError
+
+    prompts = list(args.prompt) + (read_prompts(Path(args.file)) if args.file else [])
+    if not prompts:
+        raise ConfigError("predict: give a prompt or --file prompts.jsonl")
+    source = resolve_source(args.source, args.overrides, args.model)
+    for item in predict(source, prompts, args.max_new_tokens, args.device):
+        print(json.dumps(item, ensure_ascii=False))
     return 0
 
 
@@ -104,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub)
+    _add_export(sub)
+    _add_eval(sub)
+    _add_predict(sub)
     sub.add_parser(
         "methods",
         help="list the continual-learning methods",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import Task
 from .text import Encoded
 from .training import collate
@@ -33,8 +34,22 @@ class TaskContext:
         return [self.encoded[i] for i in sorted(rng.sample(range(len(self.encoded)), max_examples))]
 
     def batches(self, max_examples: int | None = None, batch_size: int | None = None) -> Iterator[dict]:
-        """Batches over `sample(max_examples)`, for statistics that methods collect (bases, Fisher, ...)."""
+        """Batches over `sample(max_examples)`, for statistics that methods collect (bases, Fisher, ...).
+
+        With several processes each gets its share of the batches: a method sums what it accumulates over
+        them with `all_reduce` before using it (an SVD, a QR, a Fisher), so every process ends with the
+        statistics of all the batches, as one process would."""
         examples = self.sample(max_examples)
         size = batch_size or self.batch_size
-        for start in range(0, len(examples), size):
+        starts = distributed.shard(range(0, len(examples), size))
+        for start in starts:
             yield collate(examples[start : start + size], self.pad_id, self.device)
+
+    @staticmethod
+    def all_reduce(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum per-process statistics (keyed tensors of the same shapes everywhere) over processes."""
+        return distributed.all_reduce_dict_(tensors)
+
+    @staticmethod
+    def all_reduce_count(count: int) -> int:
+        return round(distributed.sum_scalar(float(count)))

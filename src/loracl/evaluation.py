@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .data import Example, Task
 from .interrupt import check_interrupt
 from .progress import progress
@@ -90,13 +91,30 @@ class Evaluator:
     def generate(
         self, model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int
     ) -> list[str]:
+        """Greedy answers to `prompts`, in their order. With several processes the batches (formed as in
+        one process, so each is computed on the same padded input) are dealt out and the answers gathered
+        on every process."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        mine = self._generate_batches(model, prompts, distributed.shard(batches), max_new_tokens)
+        outputs: list[str] = [""] * len(prompts)
+        for answers in distributed.gather_object(mine):
+            for i, text in answers.items():
+                outputs[i] = text
+        return outputs
+
+    def _generate_batches(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[list[int]],
+        batches: Sequence[list[int]],
+        max_new_tokens: int,
+    ) -> dict[int, str]:
         device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
-        outputs: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
+        outputs: dict[int, str] = {}
+        for rows in batches:
             check_interrupt()  # long evaluations stop between batches too
-            rows = order[start : start + self.batch_size]
             width = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)

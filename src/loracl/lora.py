@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
+from . import distributed
 from .config import LoraSection
 
 DEFAULT_ADAPTER = "default"
@@ -102,7 +103,10 @@ def adapter_nbytes(model: torch.nn.Module) -> int:
 
 
 def save_adapter(model: PeftModel, directory: Path, adapter: str = DEFAULT_ADAPTER) -> None:
-    """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors); only the
+    main process writes (the others hold identical copies)."""
+    if not distributed.is_main():
+        return
     directory.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: the adapters never touch embeddings, and PEFT's "auto" check would
     # look the base model up on the Hub.

@@ -8,9 +8,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from . import distributed
+
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs.setdefault("disable", not sys.stderr.isatty() or not distributed.is_main())
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

@@ -6,6 +6,9 @@ adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts written by
 
 Reproducibility: the global random generators are re-seeded from (seed, task index) before each task, so
 a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
+
+Launched with several processes (`accelerate launch`, `torchrun`) every process runs the same sequence on
+its share of the data (see loracl.distributed); only the main process writes files or prints.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RunConfig, build_config, dump_config, read_yaml
 from .context import TaskContext
@@ -41,6 +44,12 @@ from .training import TrainStats, train_task
 
 # Keys that may change between a run and its resumption: they do not affect any result.
 HARMLESS_KEYS = ("output_dir", "model.cache_dir")
+
+
+def say(*args: Any) -> None:
+    """print, on the main process only (the others would repeat every line)."""
+    if distributed.is_main():
+        print(*args)
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> Path:
@@ -100,6 +109,10 @@ def already_complete(run_dir: Path) -> dict[str, Any] | None:
     return results if isinstance(results, dict) and results.get("complete") is True else None
 
 
+def write_config(run_dir: Path, config: RunConfig) -> None:
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+
+
 def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -118,6 +131,12 @@ def load_tasks(config: RunConfig) -> list[Task]:
     )
 
 
+def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:
+    """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
+    encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
+    return Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
+
+
 @dataclass
 class ContinualRun:
     """One continual-learning sequence: everything validated and loaded, ready to train."""
@@ -129,12 +148,9 @@ class ContinualRun:
     run_dir: Path
 
     def __post_init__(self) -> None:
-        tokenizer = self.loaded.tokenizer
-        self.encoder = PromptEncoder(tokenizer, self.config.train.max_length, self.config.model.chat_template)
-        self.evaluator = Evaluator(
-            tokenizer, self.encoder, self.config.eval.batch_size, self.config.eval.max_new_tokens
-        )
-        set_seed(self.config.train.seed)
+        self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
+        self.encoder = self.evaluator.encoder
+        set_seed(self.config.train.seed)  # the same initial adapters on every process
         self.model = self.method.prepare_model(self.loaded.model)
         self.results = self._empty_results()
         self.config_digest = config_hash(result_relevant_config(self.config))
@@ -149,12 +165,12 @@ class ContinualRun:
         device = next(self.model.parameters()).device
         checkpoint = read_checkpoint(self.run_dir, self.config_digest, device)
         if checkpoint is None:
-            print("no finished task to resume from: starting from the first task")
+            say("no finished task to resume from: starting from the first task")
             return
         restore_checkpoint(self.model, self.method, checkpoint)
         self.results = checkpoint.results
         self.results["resumed_after"] = [*self.results.get("resumed_after", []), checkpoint.finished]
-        print(f"resuming after {checkpoint.finished} finished task(s)")
+        say(f"resuming after {checkpoint.finished} finished task(s)")
 
     @contextlib.contextmanager
     def write_errors(self, what: str, checkpointed: int) -> Iterator[None]:
@@ -194,6 +210,7 @@ class ContinualRun:
             "stored_adapters": [],
             "per_task": [],
             "device": str(next(self.model.parameters()).device),
+            "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
             "loracl_version": __version__,
             "config": c.model_dump(mode="json"),
             "resumed_after": [],  # finished tasks at each --resume of this run
@@ -218,11 +235,12 @@ class ContinualRun:
             scores, seconds = self.evaluate_all("zero-shot eval")
         self.results["zero_shot"] = scores
         self.results["timings"]["zero_shot_eval"] = seconds
-        print(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
+        say(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
 
     def context(self, index: int, task: Task, folder: str) -> TaskContext:
         task_dir = self.run_dir / "tasks" / folder
-        task_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            task_dir.mkdir(parents=True, exist_ok=True)
         return TaskContext(
             index=index,
             task=task,
@@ -248,7 +266,19 @@ class ContinualRun:
             description=description,
         )
         self.method.after_task(self.model, ctx)
+        self.check_replicas()
         return stats
+
+    def check_replicas(self) -> None:
+        """Processes apply the same summed gradients and the same method updates, so the adapters must be
+        identical everywhere (SLAO's QR and merge, for instance, act on them with no further exchange);
+        record the largest difference seen, and stop if the copies drifted apart."""
+        adapters = [p for n, p in self.model.named_parameters() if p.requires_grad or "lora_" in n]
+        diff = distributed.max_replica_difference(adapters)
+        info = self.results["distributed"]
+        info["replica_max_abs_diff"] = max(info["replica_max_abs_diff"], diff)
+        if diff > 1e-3:
+            raise RuntimeError(f"adapters differ across processes by {diff:.3g}: training diverged")
 
     def learn(self, index: int, task: Task) -> None:
         """Train task `index` (1-based) through the method's hooks, then evaluate on every task.
@@ -315,18 +345,19 @@ class ContinualRun:
             }
         )
         if stats and stats.truncated:
-            print(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
+            say(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
         trained = (
             f"loss {stats.final_loss:.3f}, {stats.tokens_per_second:.0f} tok/s, train {stats.seconds:.0f} s"
             if stats
             else "no training"
         )
-        print(
+        say(
             f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
             + " ".join(f"{t.name} {s:.1f}" for t, s in zip(self.tasks, scores, strict=True))
         )
-        write_json_atomic(self.results, self.run_dir / "results.json")
-        self.checkpoint()
+        if distributed.is_main():
+            write_json_atomic(self.results, self.run_dir / "results.json")
+            self.checkpoint()
 
     def run_steps(self) -> None:
         """Zero-shot evaluation and every training step not finished yet (all of them on a fresh run)."""
@@ -343,18 +374,38 @@ class ContinualRun:
                 with self.write_errors(f"the files of task {index}", index - 1):
                     self.learn(index, task)
 
+    def run_all(self, start: float) -> dict[str, Any]:
+        """Every step not finished yet, then export and reports; `start` is the perf_counter time the run
+        began (for the wall time). SIGINT/SIGTERM stop between two steps, with the way to resume."""
+        with stop_on_signals():
+            try:
+                self.run_steps()
+            except RunInterrupted as exc:
+                done = self.finished
+                kept = f"checkpoint after task {done} kept" if done else "no task finished yet"
+                resume_hint = f"resume with: loracl run --resume --output {self.run_dir}"
+                raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
+        with self.write_errors("the final adapter and report", self.finished):
+            results = self.finish(time.perf_counter() - start)
+        say("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
+        say(f"wall time {results['timings']['wall']:.0f} s; report: {self.run_dir / 'report.md'}")
+        return results
+
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
-        self.method.export(self.model, self.run_dir / "adapter")
+        if distributed.is_main():
+            self.method.export(self.model, self.run_dir / "adapter")
         r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=not self.method.joint_training)
         t = r["timings"]
         t["train_total"] = sum(t["train"])
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
         t["wall"] = wall_seconds
         r["complete"] = True
-        write_report(r, self.run_dir / "report.md")
-        plot_matrix(r, self.run_dir / "matrix.png")
-        write_json_atomic(r, self.run_dir / "results.json")  # last: "complete" means every file is there
+        if distributed.is_main():
+            write_report(r, self.run_dir / "report.md")
+            plot_matrix(r, self.run_dir / "matrix.png")
+            write_json_atomic(r, self.run_dir / "results.json")  # last: "complete" means every file is there
+        distributed.barrier()  # the other processes leave once the run directory is complete
         return r
 
 
@@ -370,17 +421,6 @@ def _resume_target(
     return Path(target), resumed_config(Path(target), config)
 
 
-def _run_steps_until_stopped(cl: ContinualRun) -> None:
-    """All remaining steps; SIGINT/SIGTERM stop between two steps with the way to resume in the message."""
-    with stop_on_signals():
-        try:
-            cl.run_steps()
-        except RunInterrupted as exc:
-            kept = f"checkpoint after task {cl.finished} kept" if cl.finished else "no task finished yet"
-            resume_hint = f"resume with: loracl run --resume --output {cl.run_dir}"
-            raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
-
-
 def run(
     config: RunConfig | None,
     output_dir: str | Path | None = None,
@@ -389,18 +429,33 @@ def run(
 ) -> dict[str, Any]:
     """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
 
-    Everything that can be checked (method options, data, model) is checked before the run directory is
-    created, so bad input never leaves a half-written run behind. With `resume`, the run in `output_dir`
-    continues after its last finished task (config None: that run's own config.yaml)."""
+    With `resume`, the run in `output_dir` continues after its last finished task (config None: that run's
+    own config.yaml)."""
     start = time.perf_counter()
     if resume:
         run_dir, config = _resume_target(config, output_dir, overwrite)
         done = already_complete(run_dir)
         if done is not None:
-            print(f"{run_dir}: the run is already complete; nothing to resume")
+            say(f"{run_dir}: the run is already complete; nothing to resume")
             return done
+        output_dir = run_dir
     elif config is None:
         raise ConfigError("a config is needed to start a run")
+    cl = prepare_run(config, output_dir, overwrite, resume)
+    if resume:
+        cl.resume()
+    return cl.run_all(start)
+
+
+def prepare_run(
+    config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False, resume: bool = False
+) -> ContinualRun:
+    """Check and load everything of a run, then create its directory (unless resuming it); `run_all` does
+    the rest (the model stays in memory on the returned object).
+
+    Everything that can be checked (method options, data, model) is checked before the run directory is
+    created, so bad input never leaves a half-written run behind."""
+    distributed.init()
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)
     loaded = load_model(
@@ -409,20 +464,14 @@ def run(
         device=config.model.device,
         cache_dir=config.model.cache_dir,
     )
+    run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
+    run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
     if not resume:
-        run_dir = prepare_run_dir(Path(output_dir or config.output_dir or default_run_dir(config)), overwrite)
-        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    print(
+        distributed.on_main(lambda: write_config(prepare_run_dir(run_dir, overwrite), config))
+    say(
         f"run directory: {run_dir}\n"
         f"method {method.name} on {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}"
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
+        + (f", {distributed.world_size()} processes" if distributed.active() else "")
     )
-    cl = ContinualRun(config, method, tasks, loaded, run_dir)
-    if resume:
-        cl.resume()
-    _run_steps_until_stopped(cl)
-    with cl.write_errors("the final adapter and report", cl.finished):
-        results = cl.finish(time.perf_counter() - start)
-    print("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
-    print(f"wall time {results['timings']['wall']:.0f} s; report: {run_dir / 'report.md'}")
-    return results
+    return ContinualRun(config, method, tasks, loaded, run_dir)

@@ -72,6 +72,10 @@ def collect_input_grams(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    device = next(model.parameters()).device
+    for name, module in layers.items():  # no batch reached it (e.g. a process with an empty share): G = 0
+        if name not in grams:
+            grams[name] = torch.zeros(module.in_features, module.in_features, device=device)
     return grams
 
 

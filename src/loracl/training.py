@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .config import TrainSection
 from .interrupt import check_interrupt
 from .progress import progress
@@ -82,6 +83,38 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return F.cross_entropy(logits.float(), targets[mask])
 
 
+def answer_tokens(examples: Sequence[Encoded]) -> int:
+    """Tokens that carry loss: the answer tokens (each is predicted from the position before it)."""
+    return sum(len(e.input_ids) - max(e.prompt_len, 1) for e in examples)
+
+
+def share_loss(
+    model: torch.nn.Module, method, examples: Sequence[Encoded], global_tokens: int, pad_id: int, device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """This process's part of one step's loss: (task loss of its share weighted by its fraction of the
+    global batch's answer tokens, extra loss / world size), so that summing over processes gives the
+    one-process loss, and summing gradients the one-process gradient. None where there is nothing."""
+    task = extra = None
+    if examples:
+        batch = collate(examples, pad_id, device)
+        with method.step_context(model, batch):
+            task = answer_loss(model, batch) * (answer_tokens(examples) / max(global_tokens, 1))
+            extra = method.extra_loss(model, batch)
+    else:  # more processes than examples in this step: only the parameter-only penalty is left
+        extra = method.extra_loss(model, None)
+    return task, None if extra is None else extra / distributed.world_size()
+
+
+def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum the gradients of the trainable parameters over processes (a missing gradient counts as 0)."""
+    if not distributed.active():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        distributed.all_reduce_(p.grad)
+
+
 def _steps(batches: list[list[int]], epochs: float, rng: random.Random, reshuffle) -> Iterator[list[int]]:
     """Batches for `epochs` passes (a fractional last pass takes a prefix of a fresh shuffle)."""
     total = max(1, round(len(batches) * epochs))
@@ -101,7 +134,10 @@ def train_task(
     seed: int,
     description: str = "train",
 ) -> TrainStats:
-    """Train the method's trainable parameters on one task's encoded examples."""
+    """Train the method's trainable parameters on one task's encoded examples.
+
+    `cfg.batch_size` is the global batch: with several processes each takes its share of every batch
+    (after `augment_batch`, which runs on the whole batch so that every process draws the same memory)."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     lengths = [len(e.input_ids) for e in encoded]
@@ -124,14 +160,16 @@ def train_task(
     bar = progress(total=micro_steps, desc=description, unit="step")
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
         check_interrupt()  # SIGINT/SIGTERM: stop here, between two steps
-        batch = collate(method.augment_batch([encoded[i] for i in batch_ids]), pad_id, device)
-        with method.step_context(model, batch):
-            loss = answer_loss(model, batch)
-            extra = method.extra_loss(model, batch)
-        total = loss if extra is None else loss + extra
-        (total / cfg.grad_accum).backward()
+        examples = method.augment_batch([encoded[i] for i in batch_ids])
+        loss, extra = share_loss(
+            model, method, distributed.shard(examples), answer_tokens(examples), pad_id, device
+        )
+        parts = [t for t in (loss, extra) if t is not None]
+        if parts:
+            (sum(parts) / cfg.grad_accum).backward()
         method.after_backward(model)
         if step % cfg.grad_accum == 0 or step == micro_steps:
+            all_reduce_gradients(params)
             method.before_optimizer_step(model)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -139,8 +177,8 @@ def train_task(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_optimizer_step(model)
-        tokens += int(batch["attention_mask"].sum())
-        loss_value = loss.item()
+        tokens += sum(len(e.input_ids) for e in examples)
+        loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         bar.update()

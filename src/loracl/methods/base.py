@@ -35,6 +35,9 @@ Checkpoints (loracl.checkpoint) after every task save the model's adapters and t
 tasks: the instance attributes named in `state_attributes` (tensors, dicts, lists, any picklable object).
 State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
 beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
+
+`merge_obstacle` (None by default) says why the exported adapters cannot be added into the base weights,
+for methods whose model is not W0 + a fixed update (`loracl export --merge` refuses with that reason).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class ContinualMethod:
     trains: ClassVar[bool] = True  # False: no training at all (see the module docstring)
     joint_training: ClassVar[bool] = False  # True: one training on the union of all tasks
     role: ClassVar[Role] = "continual"
+    merge_obstacle: ClassVar[str | None] = None  # why `export --merge` is impossible; None: it is fine
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     state_attributes: ClassVar[tuple[str, ...]] = ()  # attributes kept between tasks (checkpointed)
 
@@ -94,8 +98,11 @@ class ContinualMethod:
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
         """Called before training task `ctx.index` (1-based)."""
 
-    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """A regulariser added to the task loss of each step, or None."""
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """A regulariser of the parameters added to the task loss of each step, or None.
+
+        With several processes each computes it and the loop divides it by their number, so it must not
+        depend on the process's share of the batch; `batch` is None on a process whose share is empty."""
         return None
 
     def augment_batch(self, examples: list[Encoded]) -> list[Encoded]:

@@ -34,10 +34,11 @@ def example_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor
     return -answer_loss(model, batch) * tokens
 
 
-def diagonal_fisher(
+def squared_gradient_sums(
     model: torch.nn.Module, named_params: dict[str, torch.nn.Parameter], batches
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean over one-example batches of the squared log-likelihood gradient, per parameter entry."""
+    """Sum over one-example batches of the squared log-likelihood gradient, per parameter entry; and the
+    number of examples."""
     params = list(named_params.values())
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named_params.items()}
     count = 0
@@ -47,7 +48,21 @@ def diagonal_fisher(
             if grad is not None:
                 fisher[name] += grad.detach().float() ** 2
         count += 1
-    return {name: f / max(count, 1) for name, f in fisher.items()}, count
+    return fisher, count
+
+
+def diagonal_fisher(
+    model: torch.nn.Module,
+    named_params: dict[str, torch.nn.Parameter],
+    batches,
+    ctx: TaskContext | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Mean over one-example batches of the squared log-likelihood gradient, per parameter entry. With `ctx`
+    the sums and counts of every process's share of the batches are added up first."""
+    sums, count = squared_gradient_sums(model, named_params, batches)
+    if ctx is not None:
+        sums, count = ctx.all_reduce(sums), ctx.all_reduce_count(count)
+    return {name: f / max(count, 1) for name, f in sums.items()}, count
 
 
 def ewc_penalty(
@@ -81,7 +96,7 @@ class EWC(ContinualMethod):
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         if not self.fisher:
             return None  # task 1: nothing to protect yet
         return ewc_penalty(self.params, self.fisher, self.anchor, self.options.lam)
@@ -89,7 +104,7 @@ class EWC(ContinualMethod):
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         batches = ctx.batches(self.options.fisher_samples, batch_size=1)  # one example: its own gradient
-        task_fisher, count = diagonal_fisher(model, self.params, batches)
+        task_fisher, count = diagonal_fisher(model, self.params, batches, ctx)
         for name, f in task_fisher.items():
             self.fisher[name] = self.fisher[name] + f if name in self.fisher else f
         self.anchor = {n: p.detach().float().clone() for n, p in self.params.items()}

@@ -156,6 +156,7 @@ class GainLoRA(InfLoRA):
     summary = "a LoRA branch + a gate per task; new gates kept ~0 on old inputs (GPM on gate inputs)"
     data_free = True
     memory_growth = "O(T): one LoRA and one gate MLP per task, plus per-layer input bases"
+    merge_obstacle = "each task's LoRA is scaled by a gate computed from the input, unlike a fixed weight"
     Options = GainLoRAOptions
     options: GainLoRAOptions
     state_attributes = (*InfLoRA.state_attributes, "gate_basis")
@@ -205,7 +206,7 @@ class GainLoRA(InfLoRA):
             IncLoRA.before_task(self, model, ctx)
         self.add_gate(model, ctx)
 
-    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         if self.options.branch == "olora":
             return olora_loss(model, self.options.lambda1, self.options.lambda2)
         return None
@@ -223,18 +224,20 @@ class GainLoRA(InfLoRA):
 
     @torch.no_grad()
     def gate_inputs(self, model: PeftModel, ctx: TaskContext) -> torch.Tensor:
-        """p(x) of the task's sampled examples (prompt tokens), N x d."""
+        """p(x) of this process's share of the task's sampled examples (prompt tokens), N x d."""
         embed = model.get_base_model().get_input_embeddings()
         rows = [
             masked_mean(embed(b["input_ids"]), prompt_mask(b)) for b in ctx.batches(self.options.max_examples)
         ]
-        return torch.cat(rows)
+        dim = embed.weight.shape[1]
+        return torch.cat(rows) if rows else torch.zeros(0, dim, dtype=GATE_DTYPE, device=embed.weight.device)
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         if self.options.branch == "inflora":
             super().after_task(model, ctx)  # extend the branches' input bases
         eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
-        self.gate_basis = gpm_update(self.gate_basis, vector_gram(self.gate_inputs(model, ctx)), eps)
+        gram = ctx.all_reduce({"gate": vector_gram(self.gate_inputs(model, ctx))})["gate"]
+        self.gate_basis = gpm_update(self.gate_basis, gram, eps)
 
     def export_extra(self, model: PeftModel, directory: Path) -> dict[str, Any]:
         bank = self.bank(model)

@@ -64,7 +64,7 @@ class GPM(ContinualMethod):
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         layers = dict(lora_layers(model))
-        grams = collect_input_grams(model, layers, ctx.batches(self.options.max_examples))
+        grams = ctx.all_reduce(collect_input_grams(model, layers, ctx.batches(self.options.max_examples)))
         eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
         for name, gram in grams.items():
             self.bases[name] = gpm_update(self.bases.get(name), gram, eps)

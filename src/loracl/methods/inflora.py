@@ -54,7 +54,8 @@ class InfLoRA(IncLoRA):
     def input_grams(self, model: PeftModel, ctx: TaskContext, adapter: str) -> dict[str, torch.Tensor]:
         layers = layer_map(model, adapter)
         batches = ctx.batches(self.options.max_examples)
-        return collect_input_grams(model, layers, batches, context=lambda b: self.step_context(model, b))
+        grams = collect_input_grams(model, layers, batches, context=lambda b: self.step_context(model, b))
+        return ctx.all_reduce(grams)  # every process: the statistics of all batches, before any SVD
 
     @torch.no_grad()
     def design_branch(self, model: PeftModel, ctx: TaskContext) -> None:

@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 from pydantic import Field
 
+from .. import distributed
 from ..config import LoraSection
 from ..context import TaskContext
 from ..lora import (
@@ -89,7 +90,8 @@ class MergingMethod(ContinualMethod):
             name: {"rank": self.rank, "energy_kept": t.energy_kept, "dense_rank": t.dense_rank}
             for name, t in merged.items()
         }
-        (ctx.task_dir / "merge_info.json").write_text(json.dumps(per_layer, indent=2), encoding="utf-8")
+        if distributed.is_main():
+            (ctx.task_dir / "merge_info.json").write_text(json.dumps(per_layer, indent=2), encoding="utf-8")
         energies = [t.energy_kept for t in merged.values()]
         self.info = {
             "tasks_merged": len(self.task_vectors),

@@ -61,5 +61,5 @@ class OLoRA(IncLoRA):
     Options = OLoRAOptions
     options: OLoRAOptions
 
-    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def extra_loss(self, model: PeftModel, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         return olora_loss(model, self.options.lambda1, self.options.lambda2)

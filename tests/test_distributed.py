@@ -1,0 +1,145 @@
+"""Data parallelism for real: 2 CPU processes (gloo) started by `accelerate launch` against 1 process with
+the same global batch, for slao and gpm (a projection method: statistics summed across processes before
+its eigen-decomposition). Tolerances, float32: final losses relative 1e-4, adapter entries 1e-5 absolute;
+accuracy matrices, metrics, evaluation predictions exactly equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loracl import distributed
+from loracl.cli import main
+from loracl.config import load_config
+from loracl.errors import ConfigError
+from loracl.methods import create_method
+from loracl.models import tiny_random_llama
+from loracl.runner import load_tasks, run
+from loracl.text import PromptEncoder
+from loracl.training import answer_loss, answer_tokens, collate, share_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+METHODS = ["slao", "gpm"]
+# Uneven shares: a global batch of 3 is split 2 + 1, so the token weighting of the loss matters; eval
+# batches of 2 give each process a different number of batches.
+OVERRIDES = ["train.batch_size=3", "eval.batch_size=2"]
+LOSS_RTOL, ADAPTER_ATOL = 1e-4, 1e-5
+
+
+def launch_two_processes(out: Path) -> None:
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not installed")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even on a GPU machine
+    }
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(ROOT / "tests" / "distributed_worker.py"), str(out), str(TINY), ",".join(METHODS), *OVERRIDES,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    launch_two_processes(root / "two")
+    for method in METHODS:
+        run(load_config(TINY, [f"method.name={method}", *OVERRIDES]), root / "one" / method)
+    assert main(["eval", str(root / "one" / "slao"), "--output", str(root / "one" / "eval.json")]) == 0
+    return root / "one", root / "two"
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_match_one(runs, method):
+    one, two = (results(folder / method) for folder in runs)
+    assert one["distributed"]["processes"] == 1 and two["distributed"]["processes"] == 2
+    assert two["distributed"]["replica_max_abs_diff"] <= ADAPTER_ATOL  # copies agree across processes
+    assert two["matrix"] == one["matrix"] and two["zero_shot"] == one["zero_shot"]
+    assert two["metrics"] == one["metrics"]
+    for a, b in zip(one["per_task"], two["per_task"], strict=True):
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=LOSS_RTOL)
+        assert (b["train_steps"], b["train_tokens"]) == (a["train_steps"], a["train_tokens"])
+    files = sorted((runs[0] / method).rglob("*.safetensors"))  # final adapter and per-task SLAO factors
+    assert files
+    for file in files:
+        ours = load_file(str(file))
+        theirs = load_file(str(runs[1] / method / file.relative_to(runs[0] / method)))
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert (value - theirs[key]).abs().max() <= ADAPTER_ATOL, (file, key)
+
+
+def test_gpm_bases_protect_the_same_subspace(runs):
+    """GPM's per-task info (from the summed statistics) is the same, so the same basis sizes were kept."""
+    one, two = (results(folder / "gpm") for folder in runs)
+    sizes = [[t["method_state_bytes"] for t in r["per_task"]] for r in (one, two)]
+    assert sizes[0] == sizes[1] and sizes[0][-1] > 0
+
+
+def test_only_the_main_process_wrote(runs):
+    one, two = (sorted(str(p.relative_to(r)) for p in r.rglob("*")) for r in runs)
+    assert one == two  # same files, and no stray temporary or per-rank files
+
+
+def test_evaluation_split_across_processes_is_gathered_exactly(runs):
+    one, two = (json.loads((folder / "eval.json").read_text()) for folder in runs)
+    assert two["processes"] == 2
+    assert two["predictions"] == one["predictions"] and two["scores"] == one["scores"]
+    assert two["scores"] == results(runs[0] / "slao")["matrix"][-1]
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_configs_are_refused_in_one_line(flag, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ConfigError, match="does not support"):
+        distributed.refuse_sharding()
+    assert main(["run", str(TINY), "--output", str(tmp_path / "run")]) == 2
+    assert "full copy of the model per process" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_token_weighted_shares_add_up_to_the_whole_batch(monkeypatch):
+    """Uneven shares of one global batch: the weighted share losses, and their gradients, sum to the
+    one-process loss and gradient (what summing gradients across processes relies on)."""
+    config = load_config(TINY)
+    base, tokenizer = tiny_random_llama()
+    method = create_method("seq_lora", {}, config.lora)
+    model = method.prepare_model(base)
+    encoder = PromptEncoder(tokenizer, config.train.max_length)
+    examples = [encoder.encode(ex) for ex in load_tasks(config)[0].train[:3]]
+    params = method.trainable_parameters(model)
+    device = next(model.parameters()).device
+
+    def gradient(loss) -> list:
+        return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+    whole = answer_loss(model, collate(examples, tokenizer.pad_token_id, device))
+    expected = gradient(whole)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    total_tokens = answer_tokens(examples)
+    parts = [examples[0::2], examples[1::2]]  # 2 examples and 1, of different lengths
+    pad = tokenizer.pad_token_id
+    losses = [share_loss(model, method, part, total_tokens, pad, device)[0] for part in parts]
+    assert sum(loss.item() for loss in losses) == pytest.approx(whole.item(), rel=1e-6)
+    summed = [a + b for a, b in zip(*(gradient(loss) for loss in losses), strict=True)]
+    for ours, theirs in zip(summed, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
