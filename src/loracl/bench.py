@@ -31,7 +31,7 @@ from . import runner
 from .config import RunConfig, build_config, load_config_data
 from .data import ORDERS
 from .errors import ConfigError
-from .methods import create_method
+from .methods import create_method, method_class
 from .report import setup_line
 
 # The only numbers the reference gives (METHODS.md, SLAO section, quoting Qiao & Mahdavi, ICLR 2026,
@@ -153,7 +153,10 @@ def plan_grid(
     for method in methods:
         for order in orders:
             config = build_config(cell_data(base, method, order), f"{method.text} on {order.text}")
-            create_method(method.name, config.method_options(), config.lora)
+            try:
+                create_method(method.name, config.method_options(), config.lora)
+            except ConfigError as exc:
+                raise ConfigError(f"--methods {method.text}: {exc}") from exc
             cells.append(Cell(method, order, config, output / _dirname(method.text) / _dirname(order.text)))
     checked: set[str] = set()
     for cell in cells:
@@ -176,14 +179,17 @@ def is_finished(path: Path, config_json: dict[str, Any]) -> bool:
 
 
 def run_cell(cell: Cell) -> str | None:
-    """Run one cell from scratch; returns None, or the error's one-line summary (traceback on disk)."""
+    """Run one cell from scratch; returns None, or the error's one-line summary, which is also the first
+    line of the cell's bench_error.txt (the traceback follows it)."""
     try:
         runner.run(cell.config, cell.path, overwrite=True)
         return None
     except Exception as exc:  # noqa: BLE001  (one failing cell must not stop the grid)
+        lines = str(exc).splitlines()
+        summary = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         cell.path.mkdir(parents=True, exist_ok=True)
-        (cell.path / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        (cell.path / ERROR_FILE).write_text(f"{summary}\n\n{traceback.format_exc()}", encoding="utf-8")
+        return summary
     finally:
         _free_memory()
 
@@ -275,8 +281,8 @@ class CellResult:
 
 
 def _error_summary(path: Path) -> str:
-    lines = [line for line in (path / ERROR_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "unknown error"
+    lines = (path / ERROR_FILE).read_text(encoding="utf-8").splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else "unknown error"
 
 
 def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
@@ -341,10 +347,6 @@ def _mean_std(spread: Spread) -> str:
     return _fmt(spread.mean) if spread.std is None else f"{spread.mean:.1f} ± {spread.std:.1f}"
 
 
-def _first_ok(cells: Sequence[CellResult]) -> dict[str, Any]:
-    return next((c.results for c in cells if c.status == "ok"), {})
-
-
 def _by_method(manifest: dict[str, Any], cells: list[CellResult]) -> dict[str, list[CellResult]]:
     return {m: [c for c in cells if c.method == m] for m in manifest["methods"]}
 
@@ -356,14 +358,13 @@ def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str
         "|---" * (9 + bool(family)) + "|",
     ]
     for method, group in _by_method(manifest, cells).items():
-        first = _first_ok(group)
+        cls = method_class(parse_method(method).name)
         spreads = {k: aggregate([c.metric(k) for c in group]) for k in METRICS}
         ap = spreads["AP"]
         span = "n/a" if ap.low is None else f"{ap.low:.1f}–{ap.high:.1f}"
         done = sum(c.status == "ok" for c in group)
-        free = {True: "yes", False: "**no**"}.get(first.get("data_free"), "?")
         row = (
-            f"| {method} | {free} | {first.get('role', '?')} | "
+            f"| {method} | {'yes' if cls.data_free else '**no**'} | {cls.role} | "
             + " | ".join(_mean_std(spreads[k]) for k in METRICS)
             + f" | {span} | {done}/{len(group)} |"
         )
