@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import math
 import re
 import shlex
 import statistics
@@ -407,9 +408,8 @@ def _orders_text(manifest: dict[str, Any]) -> str:
     )
 
 
-def bench_markdown(manifest: dict[str, Any], cells: list[CellResult]) -> str:
+def bench_markdown(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
     base = manifest["cells"][0]["config"]
-    family = paper_family(manifest["orders"], base["benchmark"]["name"])
     ok = [c for c in cells if c.status == "ok"]
     devices = sorted({c.results.get("device", "?") for c in ok}) or ["n/a"]
     paper_note = (
@@ -465,7 +465,7 @@ def write_csv(cells: list[CellResult], path: Path) -> None:
             ])
 
 
-def plot_bench(manifest: dict[str, Any], cells: list[CellResult], path: Path) -> None:
+def plot_bench(manifest: dict[str, Any], cells: list[CellResult], family: str | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -479,17 +479,22 @@ def plot_bench(manifest: dict[str, Any], cells: list[CellResult], path: Path) ->
         spreads = [aggregate([c.metric(key) for c in groups[m]]) for m in methods]
         ax.bar(
             [i + offset for i in range(len(methods))],
-            [s.mean if s.mean is not None else 0.0 for s in spreads],
+            [math.nan if s.mean is None else s.mean for s in spreads],  # undefined: no bar, not a zero
             width,
             yerr=[s.std or 0.0 for s in spreads],
             capsize=3,
             label=f"{key} (mean ± std over orders)",
         )
+    paper = [(i, PAPER_RESULTS.get(m, {}).get(family or "", {}).get("AP")) for i, m in enumerate(methods)]
+    paper = [(i - width / 2, ap) for i, ap in paper if ap is not None]
+    if paper:
+        ax.scatter(*zip(*paper, strict=True), marker="D", color="black", zorder=3,
+                   label=f"AP, paper ({PAPER_MODEL})")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)), labels=methods, rotation=30, ha="right")
     ax.set_ylabel("percent")
     ax.set_title(f"{manifest['label']}: {len(manifest['orders'])} order(s)")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -500,9 +505,10 @@ def write_bench_report(output: str | Path) -> list[CellResult]:
     output = Path(output)
     manifest = read_manifest(output)
     cells = [read_cell(output, entry) for entry in manifest["cells"]]
-    (output / "bench.md").write_text(bench_markdown(manifest, cells), encoding="utf-8")
+    family = paper_family(manifest["orders"], manifest["cells"][0]["config"]["benchmark"]["name"])
+    (output / "bench.md").write_text(bench_markdown(manifest, cells, family), encoding="utf-8")
     write_csv(cells, output / "bench.csv")
-    plot_bench(manifest, cells, output / "bench.png")
+    plot_bench(manifest, cells, family, output / "bench.png")
     done = sum(c.status == "ok" for c in cells)
     print(f"{done}/{len(cells)} cells finished; table: {output / 'bench.md'}")
     return cells
