@@ -191,9 +191,10 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     entries = [fake_cell(tmp_path, "slao", o, metrics(a, -a / 10)) for o, a in zip(orders, aps, strict=True)]
     entries += [fake_cell(tmp_path, "mtl", o, metrics(85, None), "upper_bound") for o in orders[:2]]
     entries.append({**entries[-1], "order": "order3", "path": "mtl/order3"})  # never run
+    entries.append(fake_cell(tmp_path, "seq_lora", "order1", metrics(90.0, -1.0)))
     stale = json.loads((tmp_path / "slao" / "order3" / "results.json").read_text())
     stale["config"] = {**stale["config"], "method": {"name": "slao", "schedule": "inv"}}
-    manifest = {"label": "hand-made", "command": "loracl bench ...", "methods": ["slao", "mtl"],
+    manifest = {"label": "hand-made", "command": "loracl bench ...", "methods": ["slao", "mtl", "seq_lora"],
                 "orders": orders, "cells": entries}
     (tmp_path / "bench.json").write_text(json.dumps(manifest))
     write_bench_report(tmp_path)
@@ -204,6 +205,8 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     assert "| mtl | **no** | upper_bound | 85.0 ± 0.0 | n/a | n/a | n/a | 85.0–85.0 | 2/3 | 80.9 |" in table
     assert "| mtl | order3 | n/a | n/a | n/a | n/a | n/a | n/a | missing |" in table
     assert "AP (paper, Llama-2-7B-chat)" in table
+    # A baseline that beats SLAO is ranked above it; mtl is an upper bound, not ranked.
+    assert "Continual methods by mean AP, best first: seq_lora 90.0 > slao 80.0." in table
 
     (tmp_path / "slao" / "order3" / "results.json").write_text(json.dumps(stale))
     cells = write_bench_report(tmp_path)

@@ -352,6 +352,20 @@ def _by_method(manifest: dict[str, Any], cells: list[CellResult]) -> dict[str, l
     return {m: [c for c in cells if c.method == m] for m in manifest["methods"]}
 
 
+def ranking_line(manifest: dict[str, Any], cells: list[CellResult]) -> str:
+    """The continual methods ordered by mean AP, best first: the table's verdict in one line, whoever wins.
+    Upper bounds and references are left out; they are comparison points, not contenders."""
+    means = []
+    for method, group in _by_method(manifest, cells).items():
+        mean = aggregate([c.metric("AP") for c in group]).mean
+        if mean is not None and method_class(parse_method(method).name).role == "continual":
+            means.append((mean, method))
+    if not means:
+        return "No continual method finished a cell yet."
+    ranked = " > ".join(f"{method} {mean:.1f}" for mean, method in sorted(means, key=lambda m: -m[0]))
+    return f"Continual methods by mean AP, best first: {ranked}."
+
+
 def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
     paper_col = f" AP (paper, {PAPER_MODEL}) |" if family else ""
     lines = [
@@ -437,6 +451,8 @@ of a finished task is kept; role `upper_bound` / `reference` are comparison poin
 {paper_note}
 
 {summary_table(manifest, cells, family)}
+
+{ranking_line(manifest, cells)}
 
 ## Every cell (method × order)
 
