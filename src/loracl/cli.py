@@ -19,8 +19,22 @@ EPILOG = """examples:
   loracl export runs/tiny --to exported/tiny --merge
   loracl eval runs/tiny --tasks dbpedia,yahoo --max-test 100
   loracl predict runs/tiny "Classify the topic: ... Answer:"
+  loracl bench configs/demo.yaml --methods slao,seq_lora --orders order1,order2,order3
   loracl methods
   loracl benchmarks"""
+
+BENCH_EPILOG = """examples:
+  loracl bench configs/demo.yaml --methods slao,seq_lora,olora,inflora,mtl --orders order1,order2,order3
+  loracl bench configs/demo.yaml --methods slao,slao:schedule=inv,slao:init=random --orders order1 \\
+      --output runs/bench-ablation --label "SLAO ablation"
+  loracl bench configs/tiny.yaml --methods slao,seq_lora --orders agnews+yelp,yelp+agnews --max-train 8
+  loracl bench --report-only runs/bench
+
+Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A cell whose results.json is
+complete and holds the same resolved config is skipped, so rerunning the same command resumes the grid.
+A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; the others still run and
+the exit status is 1. Options in the config's method section apply to every method; give one method its
+own with NAME:KEY=VALUE."""
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -186,6 +200,68 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a grid of methods x task orders and tabulate AP / BWT / FWT",
+        description="Run every (method, task order) cell of a grid with the same config, one after the "
+        "other (resumable), then write DIR/bench.md (AP / BWT / FWT per cell, mean and std over orders, the "
+        "paper's numbers beside ours), DIR/bench.csv (one row per cell) and DIR/bench.png (bar chart).",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config shared by every cell (omit for the defaults)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated methods (`loracl methods`); NAME:KEY=VALUE[:KEY=VALUE] gives one its options",
+    )
+    p.add_argument(
+        "--orders",
+        default="order1,order2,order3",
+        help="comma-separated task orders: order1..order6, or task names joined by '+' "
+        "(default: order1,order2,order3, the Standard CL benchmark)",
+    )
+    p.add_argument("--max-train", type=int, metavar="N", help="cap on training examples per task")
+    p.add_argument("--max-test", type=int, metavar="N", help="cap on test examples per task")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every cell (dotted path, YAML value); repeatable",
+    )
+    p.add_argument("--output", "-o", default="runs/bench", help="bench directory (default: runs/bench)")
+    p.add_argument("--label", help="title of the table (default: the output folder's name)")
+    p.add_argument(
+        "--report-only",
+        metavar="DIR",
+        help="run nothing: rebuild bench.md / .csv / .png from the cells already in DIR",
+    )
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_grid, write_bench_report
+    from .errors import ConfigError
+
+    if args.report_only:
+        cells = write_bench_report(args.report_only)
+    else:
+        if not args.methods:
+            raise ConfigError("bench: give --methods (e.g. --methods slao,seq_lora), or --report-only DIR")
+        overrides = list(args.overrides)
+        for key, cap in (("max_train", args.max_train), ("max_test", args.max_test)):
+            if cap is not None:
+                overrides.append(f"benchmark.{key}={cap}")
+        cells = run_grid(args.config, args.methods, args.orders, overrides, args.output, args.label)
+    failed = [f"{c.method} on {c.order}" for c in cells if c.status == "failed"]
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods
 
@@ -232,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_eval(sub)
     _add_predict(sub)
+    _add_bench(sub)
     sub.add_parser(
         "methods",
         help="list the continual-learning methods",

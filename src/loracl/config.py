@@ -170,12 +170,18 @@ def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from err
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+def load_config_data(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The raw config mapping: a YAML file (or {} for the defaults) with `--set` overrides applied, not yet
+    validated (`loracl bench` derives one config per grid cell from it)."""
     data = read_yaml(path) if path is not None else {}
     for assignment in overrides:
         apply_override(data, assignment)
-    return build_config(data, str(path) if path is not None else "config")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+    return build_config(load_config_data(path, overrides), str(path) if path is not None else "config")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -1,0 +1,547 @@
+"""`loracl bench`: a grid of continual runs (method x task order), resumable, summarised in one table.
+
+The bench directory:
+- `bench.json`: the grid (label, method specs, orders, the command, each cell's resolved config);
+- `<method>/<order>/`: one ordinary run directory per cell (see loracl.runner), plus `bench_error.txt`
+  (the traceback) when the cell failed;
+- `bench.md`, `bench.csv`, `bench.png`: the table, one CSV row per cell, and a bar chart of AP and BWT.
+
+A cell whose results.json is complete and holds the same resolved config is not run again, so an interrupted
+or extended grid picks up where it stopped; anything else in a cell's folder is replaced by a fresh run.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+import re
+import shlex
+import statistics
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import runner
+from .config import RunConfig, build_config, load_config_data
+from .data import ORDERS
+from .errors import ConfigError, RunInterrupted
+from .methods import create_method, method_class
+from .report import setup_line
+
+# The only numbers the reference gives (METHODS.md, SLAO section, quoting Qiao & Mahdavi, ICLR 2026,
+# arXiv 2512.23017): Llama-2-7B-chat, averaged over the task orders of each benchmark family.
+PAPER_MODEL = "Llama-2-7B-chat"
+PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
+    "slao": {"standard": {"AP": 80.4}, "long": {"AP": 74.8, "BWT": -3.5}, "superni": {"AP": 37.2}},
+    "mtl": {"standard": {"AP": 80.9}, "long": {"AP": 78.1}, "superni": {"AP": 45.2}},
+}
+# Benchmark families the paper reports: title, and the named orders that make one up.
+FAMILIES: dict[str, tuple[str, set[str]]] = {
+    "standard": ("Standard CL benchmark, orders 1-3", {"order1", "order2", "order3"}),
+    "long": ("Long Sequence benchmark, orders 4-6", {"order4", "order5", "order6"}),
+    "superni": ("SuperNI", set()),
+}
+METRICS = ("AP", "BWT", "FWT", "forgetting")
+ERROR_FILE = "bench_error.txt"
+MANIFEST = "bench.json"
+
+
+def _dirname(text: str) -> str:
+    """A folder name for a method spec or an order: path separators and shell-hostile characters become _."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the grid: `name` or `name:key=value:key=value` (per-method options, for ablations)."""
+
+    text: str
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    """One task sequence of the grid: a named order (order1..order6) or task names joined by '+'."""
+
+    text: str
+    order: str | None
+    tasks: tuple[str, ...] | None
+
+
+def _split(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--{what}: give at least one, separated by commas")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"--{what}: {text!r} names the same entry twice")
+    return items
+
+
+def parse_method(text: str) -> MethodSpec:
+    name, *assignments = text.split(":")
+    options: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--methods: {text!r}: expected NAME:KEY=VALUE, e.g. slao:schedule=inv")
+        try:
+            options[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--methods: {text!r}: value of {key} is not valid YAML") from exc
+    return MethodSpec(text, name, options)
+
+
+def parse_order(text: str) -> OrderSpec:
+    if text in ORDERS:
+        return OrderSpec(text, text, None)
+    if "+" in text:
+        return OrderSpec(text, None, tuple(text.split("+")))
+    raise ConfigError(
+        f"--orders: unknown order {text!r}; known: {', '.join(ORDERS)}, or task names joined by '+' "
+        "(e.g. agnews+yelp)"
+    )
+
+
+def parse_grid(methods: str, orders: str) -> tuple[list[MethodSpec], list[OrderSpec]]:
+    method_specs = [parse_method(t) for t in _split(methods, "methods")]
+    order_specs = [parse_order(t) for t in _split(orders, "orders")]
+    for specs, what in ((method_specs, "methods"), (order_specs, "orders")):
+        names = [_dirname(s.text) for s in specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--{what}: two entries map to the same folder name ({', '.join(names)})")
+    return method_specs, order_specs
+
+
+@dataclass
+class Cell:
+    method: MethodSpec
+    order: OrderSpec
+    config: RunConfig
+    path: Path
+
+    def config_json(self) -> dict[str, Any]:
+        """The resolved config as results.json stores it (what a finished cell is compared with)."""
+        return json.loads(json.dumps(self.config.model_dump(mode="json")))
+
+
+def cell_data(base: dict[str, Any], method: MethodSpec, order: OrderSpec) -> dict[str, Any]:
+    """The config mapping of one cell: the base config's method options, then the spec's own, on top."""
+    data = json.loads(json.dumps(base))  # deep copy of plain YAML data
+    section = data.get("method")
+    shared = {k: v for k, v in section.items() if k != "name"} if isinstance(section, dict) else {}
+    data["method"] = {"name": method.name, **shared, **method.options}
+    bench = data.setdefault("benchmark", {})
+    bench["order"] = order.order
+    bench["tasks"] = list(order.tasks) if order.tasks else None
+    data["output_dir"] = None  # the bench decides where each cell goes
+    return data
+
+
+def plan_grid(
+    base: dict[str, Any], methods: list[MethodSpec], orders: list[OrderSpec], output: Path
+) -> list[Cell]:
+    """Every cell's config, validated (method options and each order's data) before anything runs."""
+    build_config(base)  # the shared part, reported against the user's own file first
+    cells = []
+    for method in methods:
+        for order in orders:
+            config = build_config(cell_data(base, method, order), f"{method.text} on {order.text}")
+            try:
+                create_method(method.name, config.method_options(), config.lora)
+            except ConfigError as exc:
+                raise ConfigError(f"--methods {method.text}: {exc}") from exc
+            cells.append(Cell(method, order, config, output / _dirname(method.text) / _dirname(order.text)))
+    checked: set[str] = set()
+    for cell in cells:
+        if cell.order.text not in checked:
+            runner.load_tasks(cell.config)
+            checked.add(cell.order.text)
+    return cells
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(path: Path, config_json: dict[str, Any]) -> bool:
+    results = _read_results(path)
+    return bool(results and results.get("complete") and results.get("config") == config_json)
+
+
+def _resumable(cell: Cell) -> bool:
+    """A cell interrupted after some finished task, with the same config: continue it (`run --resume`)."""
+    if not (cell.path / "checkpoint" / "latest.json").is_file():
+        return False
+    try:
+        runner.resumed_config(cell.path, cell.config)
+    except ConfigError:
+        return False  # another config: run the cell from scratch
+    return True
+
+
+def run_cell(cell: Cell) -> str | None:
+    """Run one cell (continuing it from its checkpoint when it was interrupted with the same config, else
+    from scratch); returns None, or the error's one-line summary, which is also the first line of the
+    cell's bench_error.txt (the traceback follows it). Ctrl-C / SIGTERM stop the whole grid."""
+    try:
+        if _resumable(cell):
+            runner.run(cell.config, cell.path, resume=True)
+        else:
+            runner.run(cell.config, cell.path, overwrite=True)
+        return None
+    except RunInterrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001  (one failing cell must not stop the grid)
+        lines = str(exc).splitlines()
+        summary = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        cell.path.mkdir(parents=True, exist_ok=True)
+        (cell.path / ERROR_FILE).write_text(f"{summary}\n\n{traceback.format_exc()}", encoding="utf-8")
+        return summary
+    finally:
+        _free_memory()
+
+
+def _free_memory() -> None:
+    """Drop the finished cell's model before the next one loads its own (matters on a GPU)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_command(
+    config_path: str | None, methods: str, orders: str, overrides: Sequence[str], output: Path, label: str
+) -> str:
+    """The command line that reproduces this grid (recorded in bench.json and bench.md)."""
+    parts = ["loracl", "bench"] + ([config_path] if config_path else [])
+    parts += ["--methods", methods, "--orders", orders]
+    for override in overrides:
+        parts += ["--set", override]
+    parts += ["--output", str(output), "--label", label]
+    return shlex.join(parts)
+
+
+def write_manifest(output: Path, label: str, command: str, cells: list[Cell]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "label": label,
+        "command": command,
+        "methods": list(dict.fromkeys(c.method.text for c in cells)),
+        "orders": list(dict.fromkeys(c.order.text for c in cells)),
+        "cells": [
+            {
+                "method": c.method.text,
+                "order": c.order.text,
+                "path": str(c.path.relative_to(output)),
+                "config": c.config_json(),
+            }
+            for c in cells
+        ],
+    }
+    runner.write_json_atomic(manifest, output / MANIFEST)
+
+
+def run_grid(
+    config_path: str | None,
+    methods: str,
+    orders: str,
+    overrides: Sequence[str] = (),
+    output: str | Path = "runs/bench",
+    label: str | None = None,
+) -> list[CellResult]:
+    """Validate the whole grid, run the cells not finished yet, then write bench.md / .csv / .png."""
+    output = Path(output)
+    label = label or output.name
+    method_specs, order_specs = parse_grid(methods, orders)
+    base = load_config_data(config_path, list(overrides))
+    cells = plan_grid(base, method_specs, order_specs, output)
+    command = bench_command(config_path, methods, orders, overrides, output, label)
+    write_manifest(output, label, command, cells)
+    for number, cell in enumerate(cells, start=1):
+        head = f"[cell {number}/{len(cells)}] {cell.method.text} on {cell.order.text}"
+        if is_finished(cell.path, cell.config_json()):
+            print(f"{head}: finished earlier, skipped")
+            continue
+        print(f"{head}: running in {cell.path}")
+        error = run_cell(cell)
+        if error:
+            print(f"{head}: FAILED: {error} (traceback in {cell.path / ERROR_FILE})")
+    return write_bench_report(output)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    """What the report needs of one cell, read back from its folder."""
+
+    method: str
+    order: str
+    status: str  # ok, failed, incomplete, stale (finished with another config), missing
+    results: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    def metric(self, key: str) -> float | None:
+        return self.results.get("metrics", {}).get(key) if self.status == "ok" else None
+
+
+def _error_summary(path: Path) -> str:
+    lines = (path / ERROR_FILE).read_text(encoding="utf-8").splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else "unknown error"
+
+
+def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
+    path = output / entry["path"]
+    results = _read_results(path) or {}
+    if (path / ERROR_FILE).is_file():
+        return CellResult(entry["method"], entry["order"], "failed", results, _error_summary(path))
+    if not results:
+        return CellResult(entry["method"], entry["order"], "missing")
+    if not results.get("complete"):
+        return CellResult(entry["method"], entry["order"], "incomplete", results)
+    status = "ok" if results.get("config") == entry["config"] else "stale"
+    return CellResult(entry["method"], entry["order"], status, results)
+
+
+def read_manifest(output: Path) -> dict[str, Any]:
+    try:
+        return json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{output}: no {MANIFEST} here; not a `loracl bench` directory") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{output / MANIFEST}: not valid JSON") from exc
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and spread over orders of one metric; std is the sample standard deviation (n - 1)."""
+
+    n: int
+    mean: float | None
+    std: float | None
+    low: float | None
+    high: float | None
+
+
+def aggregate(values: Sequence[float | None]) -> Spread:
+    """Mean, sample std, min and max of the values present (None: undefined for that cell, left out)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return Spread(0, None, None, None, None)
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return Spread(len(present), statistics.fmean(present), std, min(present), max(present))
+
+
+def paper_family(orders: Sequence[str], benchmark: str) -> str | None:
+    """Which reported benchmark family the grid's orders make up, if any (paper numbers only then)."""
+    if benchmark == "superni":
+        return "superni"
+    for family, (_, members) in FAMILIES.items():
+        if benchmark == "cl_benchmark" and members and set(orders) <= members:
+            return family
+    return None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _mean_std(spread: Spread) -> str:
+    if spread.mean is None:
+        return "n/a"
+    return _fmt(spread.mean) if spread.std is None else f"{spread.mean:.1f} ± {spread.std:.1f}"
+
+
+def _by_method(manifest: dict[str, Any], cells: list[CellResult]) -> dict[str, list[CellResult]]:
+    return {m: [c for c in cells if c.method == m] for m in manifest["methods"]}
+
+
+def ranking_line(manifest: dict[str, Any], cells: list[CellResult]) -> str:
+    """The continual methods ordered by mean AP, best first: the table's verdict in one line, whoever wins.
+    Upper bounds and references are left out; they are comparison points, not contenders."""
+    means = []
+    for method, group in _by_method(manifest, cells).items():
+        mean = aggregate([c.metric("AP") for c in group]).mean
+        if mean is not None and method_class(parse_method(method).name).role == "continual":
+            means.append((mean, method))
+    if not means:
+        return "No continual method finished a cell yet."
+    ranked = " > ".join(f"{method} {mean:.1f}" for mean, method in sorted(means, key=lambda m: -m[0]))
+    return f"Continual methods by mean AP, best first: {ranked}."
+
+
+def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
+    paper_col = f" AP (paper, {PAPER_MODEL}) |" if family else ""
+    lines = [
+        "| method | data-free | role | AP | BWT | FWT | forgetting | AP min–max | orders done |" + paper_col,
+        "|---" * (9 + bool(family)) + "|",
+    ]
+    for method, group in _by_method(manifest, cells).items():
+        cls = method_class(parse_method(method).name)
+        spreads = {k: aggregate([c.metric(k) for c in group]) for k in METRICS}
+        ap = spreads["AP"]
+        span = "n/a" if ap.low is None else f"{ap.low:.1f}–{ap.high:.1f}"
+        done = sum(c.status == "ok" for c in group)
+        row = (
+            f"| {method} | {'yes' if cls.data_free else '**no**'} | {cls.role} | "
+            + " | ".join(_mean_std(spreads[k]) for k in METRICS)
+            + f" | {span} | {done}/{len(group)} |"
+        )
+        if family:
+            paper = PAPER_RESULTS.get(method, {}).get(family, {}).get("AP")
+            row += f" {_fmt(paper)} |" if paper is not None else " – |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def cells_table(cells: list[CellResult]) -> str:
+    lines = ["| method | order | AP | BWT | FWT | forgetting | train s | wall s | status |", "|---" * 9 + "|"]
+    for c in cells:
+        timings = c.results.get("timings", {}) if c.status == "ok" else {}
+        status = c.status if not c.error else f"failed: {c.error}"
+        lines.append(
+            f"| {c.method} | {c.order} | "
+            + " | ".join(_fmt(c.metric(k)) for k in METRICS)
+            + f" | {_fmt(timings.get('train_total'), 0)} | {_fmt(timings.get('wall'), 0)} | "
+            + f"{status.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    paper = f"paper, {PAPER_MODEL}"
+    lines = [f"| method | benchmark | AP ({paper}) | BWT ({paper}) |", "|---" * 4 + "|"]
+    for method, families in PAPER_RESULTS.items():
+        for family, numbers in families.items():
+            ap, bwt = (_fmt(numbers[k]) if k in numbers else "not reported" for k in ("AP", "BWT"))
+            lines.append(f"| {method} | {FAMILIES[family][0]} | {ap} | {bwt} |")
+    return "\n".join(lines)
+
+
+def _orders_text(manifest: dict[str, Any]) -> str:
+    configs = {e["order"]: e["config"]["benchmark"] for e in manifest["cells"]}
+    return "\n".join(
+        f"- `{order}`: {' → '.join(b['tasks'] or ORDERS.get(b['order'] or '', []))}"
+        for order, b in configs.items()
+    )
+
+
+def bench_markdown(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
+    base = manifest["cells"][0]["config"]
+    ok = [c for c in cells if c.status == "ok"]
+    devices = sorted({c.results.get("device", "?") for c in ok}) or ["n/a"]
+    paper_note = (
+        f"The last column and the table below are the **paper's** numbers ({PAPER_MODEL}, "
+        f"{FAMILIES[family][0]}), not ours: another model, full data, no caps."
+        if family
+        else "No paper numbers beside ours: these orders are not a benchmark family the paper reports."
+    )
+    return f"""# loracl bench: {manifest["label"]}
+
+Model `{base["model"]["name"]}` ({base["model"]["dtype"]}), benchmark `{base["benchmark"]["name"]}`, on
+{", ".join(f"`{d}`" for d in devices)}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+{setup_line({"config": base})}
+
+Reproduce: `{manifest["command"]}`
+
+Task orders:
+{_orders_text(manifest)}
+
+## Mean over orders
+
+Scores in percent; each cell is mean ± std over the orders run (std: sample standard deviation, n − 1;
+n/a where a metric is undefined: FWT without zero-shot, BWT/FWT for joint training). Data-free: no example
+of a finished task is kept; role `upper_bound` / `reference` are comparison points, not continual methods.
+{paper_note}
+
+{summary_table(manifest, cells, family)}
+
+{ranking_line(manifest, cells)}
+
+## Every cell (method × order)
+
+{cells_table(cells)}
+
+## Reported in the paper ({PAPER_MODEL}; source: METHODS.md, Qiao & Mahdavi, ICLR 2026)
+
+{paper_table()}
+
+![AP and BWT per method](bench.png)
+"""
+
+
+def write_csv(cells: list[CellResult], path: Path) -> None:
+    columns = ["method", "order", "status", *METRICS, "data_free", "role", "tasks", "train_seconds",
+               "wall_seconds", "final_adapter_bytes", "error"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for c in cells:
+            r = c.results if c.status == "ok" else {}
+            writer.writerow([
+                c.method, c.order, c.status, *(c.metric(k) for k in METRICS), r.get("data_free"),
+                r.get("role"), "+".join(r.get("tasks", [])), r.get("timings", {}).get("train_total"),
+                r.get("timings", {}).get("wall"), (r.get("adapter_bytes") or [None])[-1], c.error,
+            ])
+
+
+def plot_bench(manifest: dict[str, Any], cells: list[CellResult], family: str | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _by_method(manifest, cells)
+    methods = list(groups)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(methods) + 2), 4.5))
+    width = 0.38
+    for offset, key in ((-width / 2, "AP"), (width / 2, "BWT")):
+        spreads = [aggregate([c.metric(key) for c in groups[m]]) for m in methods]
+        ax.bar(
+            [i + offset for i in range(len(methods))],
+            [math.nan if s.mean is None else s.mean for s in spreads],  # undefined: no bar, not a zero
+            width,
+            yerr=[s.std or 0.0 for s in spreads],
+            capsize=3,
+            label=f"{key} (mean ± std over orders)",
+        )
+    paper = [(i, PAPER_RESULTS.get(m, {}).get(family or "", {}).get("AP")) for i, m in enumerate(methods)]
+    paper = [(i - width / 2, ap) for i, ap in paper if ap is not None]
+    if paper:
+        ax.scatter(*zip(*paper, strict=True), marker="D", color="black", zorder=3,
+                   label=f"AP, paper ({PAPER_MODEL})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(methods)), labels=methods, rotation=30, ha="right")
+    ax.set_ylabel("percent")
+    ax.set_title(f"{manifest['label']}: {len(manifest['orders'])} order(s)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_bench_report(output: str | Path) -> list[CellResult]:
+    """Read every cell of a bench directory and write bench.md, bench.csv and bench.png; returns the cells."""
+    output = Path(output)
+    manifest = read_manifest(output)
+    cells = [read_cell(output, entry) for entry in manifest["cells"]]
+    family = paper_family(manifest["orders"], manifest["cells"][0]["config"]["benchmark"]["name"])
+    (output / "bench.md").write_text(bench_markdown(manifest, cells, family), encoding="utf-8")
+    write_csv(cells, output / "bench.csv")
+    plot_bench(manifest, cells, family, output / "bench.png")
+    done = sum(c.status == "ok" for c in cells)
+    print(f"{done}/{len(cells)} cells finished; table: {output / 'bench.md'}")
+    return cells

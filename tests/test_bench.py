@@ -1,0 +1,223 @@
+"""`loracl bench`: one real tiny grid (2 methods x 2 two-task orders), then resuming, failing cells, input
+validation and the report's numbers on hand-made cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loracl import bench, runner
+from loracl.bench import aggregate, parse_method, parse_order, write_bench_report
+from loracl.cli import main
+from loracl.config import build_config
+from loracl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+METHODS = "slao,seq_lora"
+ORDERS = "COPA+SST-2,SST-2+COPA"
+CAPS = ["--max-train", "4", "--max-test", "3", "--set", "train.max_length=96"]
+
+
+def bench_args(out: Path, methods: str = METHODS, orders: str = ORDERS) -> list[str]:
+    return ["bench", TINY, "--methods", methods, "--orders", orders, *CAPS, "--output", str(out)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "grid"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matrices are too small to gain from threads; a busy CPU loses
+    try:
+        assert main(bench_args(out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture
+def grid_copy(grid, tmp_path) -> Path:
+    """A private copy of the finished grid, for tests that change it."""
+    return Path(shutil.copytree(grid, tmp_path / "grid"))
+
+
+@pytest.fixture
+def no_runs(monkeypatch) -> list[str]:
+    """Replace the runner with a recorder that runs nothing; returns the run directories it was asked for
+    (marked " (resumed)" when asked to continue one from its checkpoint)."""
+    calls: list[str] = []
+
+    def record(config, out, overwrite=False, resume=False):
+        calls.append(str(out) + (" (resumed)" if resume else ""))
+
+    monkeypatch.setattr(runner, "run", record)
+    return calls
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_grid_writes_cells_and_tables_that_match_them(grid):
+    for name in ("bench.json", "bench.md", "bench.csv", "bench.png"):
+        assert (grid / name).is_file(), name
+    rows = read_csv(grid / "bench.csv")
+    assert [(r["method"], r["order"]) for r in rows] == [
+        (m, o) for m in METHODS.split(",") for o in ORDERS.split(",")
+    ]
+    table = (grid / "bench.md").read_text()
+    for row in rows:
+        results = json.loads((grid / row["method"] / row["order"] / "results.json").read_text())
+        assert results["complete"] and results["method"] == row["method"]
+        assert results["tasks"] == row["order"].split("+") == row["tasks"].split("+")
+        assert results["config"]["benchmark"]["max_train"] == 4
+        assert row["status"] == "ok"
+        for key in ("AP", "BWT", "FWT", "forgetting"):
+            assert float(row[key]) == pytest.approx(results["metrics"][key])
+        cells = [f"{results['metrics'][k]:.1f}" for k in ("AP", "BWT", "FWT", "forgetting")]
+        assert f"| {row['method']} | {row['order']} | {' | '.join(cells)} |" in table
+    assert "caps: 4 train / 3 test examples per task" in table
+    assert "--max-train" not in table and "--set benchmark.max_train=4" in table  # reproducible command
+    assert "not a benchmark family the paper reports" in table  # no paper column for custom orders
+
+
+def test_second_invocation_skips_finished_cells(grid_copy, no_runs, capsys):
+    assert main(bench_args(grid_copy)) == 0
+    assert no_runs == []
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+def test_unfinished_or_changed_cells_run_again(grid_copy, no_runs):
+    results_path = grid_copy / "seq_lora" / "SST-2+COPA" / "results.json"
+    results = json.loads(results_path.read_text())
+    results_path.write_text(json.dumps({**results, "complete": False}))
+    assert main(bench_args(grid_copy)) == 0
+    assert no_runs == [str(grid_copy / "seq_lora" / "SST-2+COPA") + " (resumed)"]  # from its checkpoint
+    no_runs.clear()
+    shutil.rmtree(grid_copy / "seq_lora" / "SST-2+COPA" / "checkpoint")
+    assert main(bench_args(grid_copy)) == 0
+    assert no_runs == [str(grid_copy / "seq_lora" / "SST-2+COPA")]  # no checkpoint: from scratch
+    no_runs.clear()
+    assert main(bench_args(grid_copy) + ["--set", "train.lr=5e-4"]) == 0  # another config: every cell
+    assert len(no_runs) == 4 and not any("resumed" in c for c in no_runs)
+
+
+def test_failing_cell_is_reported_and_the_exit_status_is_non_zero(grid_copy, monkeypatch, capsys):
+    real_run = runner.run
+
+    def run_or_fail(config, out, overwrite=False, resume=False):
+        if config.method.name == "zero_shot":
+            raise RuntimeError("out of memory on purpose")
+        return real_run(config, out, overwrite=overwrite, resume=resume)
+
+    monkeypatch.setattr(runner, "run", run_or_fail)
+    code = main(bench_args(grid_copy, methods="slao,zero_shot", orders="COPA+SST-2"))
+    assert code == 1
+    assert "1 cell(s) failed: zero_shot on COPA+SST-2" in capsys.readouterr().err
+    rows = {r["method"]: r for r in read_csv(grid_copy / "bench.csv")}
+    assert rows["slao"]["status"] == "ok"  # finished in the first grid, skipped here
+    assert rows["zero_shot"]["status"] == "failed"
+    assert rows["zero_shot"]["error"] == "RuntimeError: out of memory on purpose"
+    assert "failed: RuntimeError: out of memory on purpose" in (grid_copy / "bench.md").read_text()
+    assert "Traceback" in (grid_copy / "zero_shot" / "COPA+SST-2" / "bench_error.txt").read_text()
+    assert main(["bench", "--report-only", str(grid_copy)]) == 1  # the rebuilt report still says so
+
+
+@pytest.mark.parametrize(
+    ("methods", "orders", "message"),
+    [
+        ("slao,seq_lora,nosuch", ORDERS, "unknown method 'nosuch'"),
+        ("slao,slao:schedul=inv", ORDERS, "method.schedul: unknown option for method 'slao'"),
+        ("slao", "order1,order9", "unknown order 'order9'"),
+        ("slao", "COPA+nosuchtask", "nosuchtask"),
+        ("slao,slao", ORDERS, "names the same entry twice"),
+    ],
+)
+def test_bad_grid_is_refused_before_anything_runs(tmp_path, no_runs, capsys, methods, orders, message):
+    out = tmp_path / "out"
+    assert main(bench_args(out, methods, orders)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert no_runs == [] and not out.exists()
+
+
+def test_report_only_needs_a_bench_directory(tmp_path, capsys):
+    assert main(["bench", "--report-only", str(tmp_path)]) == 2
+    assert "not a `loracl bench` directory" in capsys.readouterr().err
+
+
+def test_aggregate_known_numbers():
+    spread = aggregate([1.0, 2.0, 6.0, None])
+    assert (spread.n, spread.mean, spread.low, spread.high) == (3, 3.0, 1.0, 6.0)
+    assert spread.std == pytest.approx(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) ** 0.5 / 2 ** 0.5)
+    assert aggregate([4.0]).std is None and aggregate([4.0]).mean == 4.0
+    assert aggregate([None, None]).mean is None
+
+
+def test_method_and_order_specs():
+    spec = parse_method("slao:schedule=inv:constant=0.25")
+    assert (spec.name, spec.options) == ("slao", {"schedule": "inv", "constant": 0.25})
+    assert parse_order("order4").tasks is None and parse_order("order4").order == "order4"
+    assert parse_order("COPA+SST-2").tasks == ("COPA", "SST-2")
+    with pytest.raises(ConfigError, match="NAME:KEY=VALUE"):
+        parse_method("slao:schedule")
+
+
+def test_shared_method_options_apply_to_every_cell_and_a_spec_overrides_them():
+    base = {"method": {"name": "seq_lora", "schedule": "inv"}, "benchmark": {"tasks": ["a", "b"]}}
+    data = bench.cell_data(base, parse_method("slao:schedule=constant"), parse_order("order2"))
+    assert data["method"] == {"name": "slao", "schedule": "constant"}
+    assert data["benchmark"] == {"order": "order2", "tasks": None}
+    assert base["method"]["schedule"] == "inv"  # the shared base is not modified
+
+
+# -- the report on hand-made cells with known metrics ----------------------------------------------
+
+
+def fake_cell(out: Path, method: str, order: str, metrics: dict, role: str = "continual") -> dict:
+    config = build_config({"method": method, "benchmark": {"order": order}}).model_dump(mode="json")
+    path = out / method / order
+    path.mkdir(parents=True)
+    results = {"method": method, "complete": True, "config": config, "metrics": metrics, "role": role,
+               "data_free": method != "mtl", "tasks": ["t1", "t2"], "device": "cpu",
+               "timings": {"train_total": 1.0, "wall": 2.0}, "adapter_bytes": [10, 10]}
+    (path / "results.json").write_text(json.dumps(results))
+    return {"method": method, "order": order, "path": f"{method}/{order}", "config": config}
+
+
+def test_report_means_spreads_and_paper_numbers(tmp_path):
+    def metrics(ap: float, bwt: float | None) -> dict:
+        return {"AP": ap, "BWT": bwt, "FWT": None if bwt is None else 1.0, "forgetting": None}
+
+    orders = ["order1", "order2", "order3"]
+    aps = (70.0, 80.0, 90.0)
+    entries = [fake_cell(tmp_path, "slao", o, metrics(a, -a / 10)) for o, a in zip(orders, aps, strict=True)]
+    entries += [fake_cell(tmp_path, "mtl", o, metrics(85, None), "upper_bound") for o in orders[:2]]
+    entries.append({**entries[-1], "order": "order3", "path": "mtl/order3"})  # never run
+    entries.append(fake_cell(tmp_path, "seq_lora", "order1", metrics(90.0, -1.0)))
+    stale = json.loads((tmp_path / "slao" / "order3" / "results.json").read_text())
+    stale["config"] = {**stale["config"], "method": {"name": "slao", "schedule": "inv"}}
+    manifest = {"label": "hand-made", "command": "loracl bench ...", "methods": ["slao", "mtl", "seq_lora"],
+                "orders": orders, "cells": entries}
+    (tmp_path / "bench.json").write_text(json.dumps(manifest))
+    write_bench_report(tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    # AP 70/80/90: mean 80, sample std 10; BWT -7/-8/-9: mean -8, std 1; paper AP beside: 80.4 and 80.9.
+    slao = "| slao | yes | continual | 80.0 ± 10.0 | -8.0 ± 1.0 | 1.0 ± 0.0 | n/a | 70.0–90.0 | 3/3 | 80.4 |"
+    assert slao in table
+    assert "| mtl | **no** | upper_bound | 85.0 ± 0.0 | n/a | n/a | n/a | 85.0–85.0 | 2/3 | 80.9 |" in table
+    assert "| mtl | order3 | n/a | n/a | n/a | n/a | n/a | n/a | missing |" in table
+    assert "AP (paper, Llama-2-7B-chat)" in table
+    # A baseline that beats SLAO is ranked above it; mtl is an upper bound, not ranked.
+    assert "Continual methods by mean AP, best first: seq_lora 90.0 > slao 80.0." in table
+
+    (tmp_path / "slao" / "order3" / "results.json").write_text(json.dumps(stale))
+    cells = write_bench_report(tmp_path)
+    assert [c.status for c in cells][:3] == ["ok", "ok", "stale"]  # finished with another config: not counted
+    assert "| slao | yes | continual | 75.0 ± 7.1 |" in (tmp_path / "bench.md").read_text()
