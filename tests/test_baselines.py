@@ -76,7 +76,10 @@ def test_gpm_keeps_A_x_of_old_inputs_while_A_still_learns(tmp_path):
     D = A.detach().double() - A1
     assert D.norm() > 1e-3 * A1.norm()  # A was trained on task 2 ...
     change = torch.trace(D @ G_old @ D.T) / torch.trace(A1 @ G_old @ A1.T)
-    assert change < 1e-9  # ... but A x is unchanged for every old input x
+    moved = torch.trace(D @ D.T) / torch.trace(A1 @ A1.T)
+    # ... but A x is unchanged for every old input x: what is left is float32 rounding of the projected
+    # steps (1e-10 to 1.3e-9, depending on thread count), a millionth of how far A itself moved.
+    assert change < 1e-6 * moved
 
 
 def test_gpm_after_backward_projects_the_gradient(tmp_path):
