@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--task-seconds", type=float, help="one task's training time (default: measured)")
     parser.add_argument("--task-steps", type=int, default=TASK_STEPS, help="steps of a task when measured")
+    parser.add_argument("--sequences", default=",".join(map(str, SEQUENCES)), help="sequence lengths T")
     args = parser.parse_args(argv)
+    sequences = sorted(int(t) for t in args.sequences.split(","))
     repeats, hook_repeats, (batch_size, max_length, steps, passes) = SIZES[
         "quick" if args.quick else "full"
     ]
@@ -130,13 +132,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     per_task: dict[str, float] = {}
     for label, basis in (("qr", None), ("rsvd", randomized_row_basis)):
-        for tasks in SEQUENCES:
+        for tasks in sequences:
             runs = [sequence_seconds(method, shapes, tasks, args.seed, basis) for _ in range(repeats)]
             totals = [sum(run) for run in runs]
             figures[f"slao_{label}_total_seconds_T{tasks}"] = median(totals)
             per_task[f"{label}_T{tasks}"] = median([s for run in runs for s in run[1:]])
             print(f"{label}: {tasks} tasks in {median(totals):.3f} s")
-    qr_task, rsvd_task = per_task[f"qr_T{SEQUENCES[-1]}"], per_task[f"rsvd_T{SEQUENCES[-1]}"]
+    qr_task, rsvd_task = per_task[f"qr_T{sequences[-1]}"], per_task[f"rsvd_T{sequences[-1]}"]
     hooks = hook_seconds(method, model, loaded, TrainSection(), hook_repeats, args.seed)
 
     if args.task_seconds is not None:
