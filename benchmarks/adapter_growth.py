@@ -14,7 +14,6 @@ SLAO must stay flat in T; the others grow with one LoRA per task.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from cost_common import (
     print_figures,
     ratio,
     run_main,
+    scratch_dir,
     synthetic_tasks,
 )
 
@@ -70,7 +70,7 @@ def grow(args, name: str, tasks, checkpoints: tuple[int, ...]) -> dict[str, floa
         }
     )
     method = create_method(name, config.method_options(), config.lora)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"loracl-growth-{name}-"))
+    run_dir = scratch_dir(f"growth-{name}")
     cl = ContinualRun(config, method, tasks, load(args), run_dir)
     device = model_device(cl.model)
     figures = {}

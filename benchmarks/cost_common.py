@@ -7,7 +7,9 @@ Every script ends by printing `== figures ==` and then one `name: value` line pe
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -112,6 +114,13 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for the files the real code writes (adapters, Trainer output), removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix=f"loracl-{prefix}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 # --- model and data ---------------------------------------------------------------------------------------
 
 
@@ -186,7 +195,7 @@ def slao_step_seconds(
 ) -> Callable[[], float]:
     """Prepare a method the way a run does at task 2 (task 1 trained once, which also warms up), and return
     a function that runs the real training loop over `encoded` again and gives its seconds per step."""
-    workdir = Path(tempfile.mkdtemp(prefix="loracl-bench-"))
+    workdir = scratch_dir("step")
     first = task_context(1, encoded, loaded, cfg, workdir / "1", seed)
     method.before_task(model, first)
     train_task(model, method, encoded, cfg, first.pad_id, seed)

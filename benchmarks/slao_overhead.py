@@ -14,9 +14,7 @@ time of the real training loop on the real model (real prompts) times --task-ste
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from cost_common import (
@@ -30,6 +28,7 @@ from cost_common import (
     ratio,
     real_examples,
     run_main,
+    scratch_dir,
     slao_step_seconds,
     task_context,
     timed,
@@ -96,7 +95,7 @@ def hook_seconds(method: SLAO, model: torch.nn.Module, loaded, cfg: TrainSection
     generator = torch.Generator().manual_seed(seed)
     shapes = get_lora_state(model)
     device = model_device(model)
-    workdir = Path(tempfile.mkdtemp(prefix="loracl-bench-"))
+    workdir = scratch_dir("hooks")
     method.finetuned, method.merged = {}, {}
     seconds = []
     for index in range(1, repeats + 2):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -31,6 +30,7 @@ from cost_common import (
     ratio,
     real_examples,
     run_main,
+    scratch_dir,
     synchronize,
     timed,
 )
@@ -105,7 +105,7 @@ def trainer_seconds(model, loaded: LoadedModel, features: list[dict], cfg: Train
     for warm-up)."""
     device = model_device(model)
     arguments = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="loracl-trainer-"),
+        output_dir=str(scratch_dir("trainer")),
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=1,
         max_steps=max_steps,

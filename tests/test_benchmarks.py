@@ -82,6 +82,15 @@ def test_unknown_device_choice_is_rejected():
         script("step_time").main(["--device", "tpu"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_is_a_user_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script("cost_common").run_main(lambda argv: script("step_time").main(["--device", "cuda"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.device:") and "CUDA is not available" in err and err.count("\n") == 1
+
+
 # --- pure helpers ------------------------------------------------------------------------------------------
 
 
