@@ -41,8 +41,8 @@ from loracl.methods.slao import SLAO, orthogonal_init
 
 SEQUENCES = (50, 200)
 SIZES = {  # timed sequences, hook repeats, step-time measurement (batch size, max length, steps, passes)
-    "quick": (1, 3, (2, 32, 1, 1)),
-    "full": (3, 10, (4, 128, 4, 2)),
+    "quick": (1, 3, (1, 32, 1, 1)),
+    "full": (3, 10, (2, 64, 2, 2)),
 }
 TASK_STEPS = 63  # one epoch of a shared-benchmark task (500 examples) at batch size 8
 

@@ -41,8 +41,8 @@ from loracl.text import Encoded
 from loracl.training import answer_loss, collate, length_bucketed_batches
 
 SIZES = {  # batch size, max length, steps per pass, timed passes
-    "quick": (2, 48, 2, 2),
-    "full": (4, 128, 6, 3),
+    "quick": (1, 32, 2, 1),
+    "full": (2, 64, 3, 3),
 }
 
 Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -79,10 +79,10 @@ def plain_peft_pass(
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, help="default: 2 (quick) / 4")
-    parser.add_argument("--max-length", type=int, help="default: 48 (quick) / 128")
-    parser.add_argument("--steps", type=int, help="steps per timed pass; default: 2 (quick) / 6")
-    parser.add_argument("--repeats", type=int, help="timed passes per variant; default: 2 (quick) / 3")
+    parser.add_argument("--batch-size", type=int, help="default: 1 (quick) / 2")
+    parser.add_argument("--max-length", type=int, help="default: 32 (quick) / 64")
+    parser.add_argument("--steps", type=int, help="steps per timed pass; default: 2 (quick) / 3")
+    parser.add_argument("--repeats", type=int, help="timed passes per variant; default: 1 (quick) / 3")
     args = parser.parse_args(argv)
     defaults = SIZES["quick" if args.quick else "full"]
     batch_size, max_length, steps, repeats = (

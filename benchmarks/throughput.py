@@ -47,8 +47,8 @@ from loracl.text import Encoded, PromptEncoder
 from loracl.training import IGNORE, length_bucketed_batches, train_task
 
 SIZES = {  # train examples per task, batch size, max length, timed passes, test examples per task
-    "quick": (2, 4, 64, 1, 1),
-    "full": (4, 4, 128, 2, 4),
+    "quick": (1, 2, 48, 1, 1),
+    "full": (3, 4, 128, 2, 4),
 }
 
 
