@@ -7,8 +7,9 @@ Timed, per task of the sequence: `SLAO.initial_state` (reduced QR of each A_ft^T
 randomised SVD (`torch.svd_lowrank`) giving the orthonormal basis instead of QR, through the same
 `orthogonal_init` function. Also timed: SLAO's complete hooks on the real model (before_task + after_task,
 which add the copies into the model and the two adapter saves per task).
-The overhead is given as a fraction of one task's training time: --task-seconds, or else the median step
-time of the real training loop on the real model (real prompts) times --task-steps.
+Sequences of 50 and 200 tasks (--quick: 10 and 40). The overhead is given as a fraction of one task's
+training time: --task-seconds, or else the median step time of the real training loop on the real model
+(real prompts) times --task-steps.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from loracl.lora import LoraPair, LoraState, get_lora_state, set_lora_state
 from loracl.methods import create_method
 from loracl.methods.slao import SLAO, orthogonal_init
 
-SEQUENCES = (50, 200)
-SIZES = {  # timed sequences, hook repeats, step-time measurement (batch size, max length, steps, passes)
-    "quick": (1, 3, (1, 32, 1, 1)),
-    "full": (3, 10, (2, 64, 2, 2)),
+# sequence lengths T, timed sequences, hook repeats, measured step (batch size, max length, steps, passes)
+SIZES = {
+    "quick": ((10, 40), 1, 3, (1, 32, 1, 1)),
+    "full": ((50, 200), 3, 10, (2, 64, 2, 2)),
 }
 TASK_STEPS = 63  # one epoch of a shared-benchmark task (500 examples) at batch size 8
 
@@ -113,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--task-seconds", type=float, help="one task's training time (default: measured)")
     parser.add_argument("--task-steps", type=int, default=TASK_STEPS, help="steps of a task when measured")
-    parser.add_argument("--sequences", default=",".join(map(str, SEQUENCES)), help="sequence lengths T")
+    parser.add_argument("--sequences", help="comma-separated lengths T (default: 10,40 quick / 50,200)")
     args = parser.parse_args(argv)
-    sequences = sorted(int(t) for t in args.sequences.split(","))
-    repeats, hook_repeats, (batch_size, max_length, steps, passes) = SIZES[
+    default_sequences, repeats, hook_repeats, (batch_size, max_length, steps, passes) = SIZES[
         "quick" if args.quick else "full"
     ]
+    sequences = sorted(int(t) for t in args.sequences.split(",")) if args.sequences else default_sequences
     loaded = load(args)
     lora = lora_section(args.rank)
     method = create_method("slao", {}, lora)
