@@ -136,13 +136,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def real_examples(args: argparse.Namespace, per_task: int, split: str = "train") -> list[Example]:
-    """`per_task` examples of each task of the Standard CL order 1, interleaved (real prompt lengths)."""
-    tasks = load_benchmark(
+def real_tasks(args: argparse.Namespace, per_task: int) -> list[Task]:
+    """The tasks of the Standard CL order 1 with `per_task` train and test examples (real prompt lengths)."""
+    return load_benchmark(
         "cl_benchmark", data_dir=args.data_dir, order=DEFAULT_ORDER, max_train=per_task, max_test=per_task,
         seed=args.seed,
     )
-    return [ex for task in tasks for ex in getattr(task, split)]
+
+
+def real_examples(args: argparse.Namespace, per_task: int) -> list[Example]:
+    """`per_task` training examples of each task of the Standard CL order 1, task after task."""
+    return [ex for task in real_tasks(args, per_task) for ex in task.train]
 
 
 def encode_all(loaded: LoadedModel, examples: Sequence[Example], max_length: int) -> list[Encoded]:

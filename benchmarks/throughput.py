@@ -29,6 +29,7 @@ from cost_common import (
     print_figures,
     ratio,
     real_examples,
+    real_tasks,
     run_main,
     scratch_dir,
     synchronize,
@@ -38,7 +39,6 @@ from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from loracl.config import TrainSection
-from loracl.data import load_benchmark
 from loracl.evaluation import Evaluator
 from loracl.lora import peft_config
 from loracl.methods import create_method
@@ -162,9 +162,7 @@ def training_figures(args, loaded: LoadedModel, encoded: list[Encoded], cfg: Tra
 
 def eval_figures(args, loaded: LoadedModel, model, cfg: TrainSection, per_task: int, passes: int):
     """Examples per second of the real evaluator, LoRA unmerged vs merged into the base weights."""
-    tasks = load_benchmark(
-        "cl_benchmark", data_dir=args.data_dir, order="order1", max_train=1, max_test=per_task, seed=args.seed
-    )
+    tasks = real_tasks(args, per_task)
     encoder = PromptEncoder(loaded.tokenizer, cfg.max_length)
     evaluator = Evaluator(loaded.tokenizer, encoder, batch_size=args.eval_batch_size, max_new_tokens=32)
     device = model_device(model)
