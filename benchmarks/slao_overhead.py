@@ -55,10 +55,10 @@ def randomized_row_basis(A: torch.Tensor) -> torch.Tensor:
 
 
 def subspace_distance(P: torch.Tensor, Q: torch.Tensor) -> float:
-    """||P^T P - Q^T Q||_F for two r x n matrices with orthonormal rows (0 when they span the same space)."""
-    r = P.shape[0]
-    overlap = torch.linalg.matrix_norm(P.double() @ Q.double().T).item() ** 2
-    return math.sqrt(max(0.0, 2 * r - 2 * overlap))
+    """||P^T P - Q^T Q||_F for two r x n matrices with orthonormal rows (0 when they span the same space),
+    as sqrt(2) ||Q - Q P^T P||_F: the residual form does not cancel catastrophically near 0."""
+    P, Q = P.double(), Q.double()
+    return math.sqrt(2) * torch.linalg.matrix_norm(Q - Q @ P.T @ P).item()
 
 
 def synthetic_state(shapes: LoraState, generator: torch.Generator) -> LoraState:

@@ -164,7 +164,7 @@ def test_randomized_basis_spans_the_qr_basis_space():
     A = torch.randn(4, 40)
     rsvd = overhead.randomized_row_basis(A)
     torch.testing.assert_close(rsvd @ rsvd.T, torch.eye(4), atol=1e-5, rtol=0)
-    assert overhead.subspace_distance(rsvd, orthonormal_row_basis(A)) < 1e-3
+    assert overhead.subspace_distance(rsvd, orthonormal_row_basis(A)) < 1e-4
     E = torch.eye(40)
     assert overhead.subspace_distance(E[:4], E[4:8]) == pytest.approx(math.sqrt(8))
 
