@@ -48,6 +48,11 @@ def base_parser(description: str, default_model: str = SMOLLM2) -> argparse.Argu
     return parser
 
 
+def with_defaults(given: Sequence[int | None], defaults: Sequence[int]) -> list[int]:
+    """Sizes given on the command line, the mode's defaults for those left out."""
+    return [default if value is None else value for value, default in zip(given, defaults, strict=True)]
+
+
 def run_main(main: Callable[[list[str] | None], dict[str, float]]) -> None:
     """Entry point of a script: user errors are one line on stderr and exit status 2."""
     try:

@@ -31,6 +31,7 @@ from cost_common import (
     run_main,
     slao_step_seconds,
     timed,
+    with_defaults,
 )
 from peft import get_peft_model
 
@@ -84,12 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, help="steps per timed pass; default: 2 (quick) / 3")
     parser.add_argument("--repeats", type=int, help="timed passes per variant; default: 1 (quick) / 3")
     args = parser.parse_args(argv)
-    defaults = SIZES["quick" if args.quick else "full"]
-    batch_size, max_length, steps, repeats = (
-        given or default
-        for given, default in zip(
-            (args.batch_size, args.max_length, args.steps, args.repeats), defaults, strict=True
-        )
+    batch_size, max_length, steps, repeats = with_defaults(
+        (args.batch_size, args.max_length, args.steps, args.repeats), SIZES["quick" if args.quick else "full"]
     )
     loaded = load(args)
     n = batch_size * steps
