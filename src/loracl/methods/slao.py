@@ -10,6 +10,7 @@ Ablation options (init, merge, schedule, freeze) are those the paper reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -38,6 +39,15 @@ def orthonormal_row_basis(A: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(torch.diagonal(R))
     signs[signs == 0] = 1.0
     return (Q * signs).T.to(A.dtype)
+
+
+def orthogonal_init(
+    source: LoraState, row_basis: Callable[[torch.Tensor], torch.Tensor] = orthonormal_row_basis
+) -> LoraState:
+    """SLAO's init for the next task: per layer A_init = an orthonormal basis of the rows of source A,
+    B_init = a copy of source B. `row_basis` is a parameter so that other bases (e.g. a randomised SVD) can
+    be compared on the same code path (benchmarks/slao_overhead.py)."""
+    return {name: LoraPair(row_basis(p.A), p.B.clone()) for name, p in source.items()}
 
 
 def merge_weight(task_index: int, schedule: str, constant: float = 0.5) -> float:
@@ -85,8 +95,7 @@ class SLAO(ContinualMethod):
         """The (A_init, B_init) of task i; None means PEFT's own init (A random, B = 0)."""
         if task_index == 1 or self.options.init == "random":
             return None
-        source = self.finetuned if self.options.init == "last_ft" else self.merged
-        return {name: LoraPair(orthonormal_row_basis(p.A), p.B.clone()) for name, p in source.items()}
+        return orthogonal_init(self.finetuned if self.options.init == "last_ft" else self.merged)
 
     def merge(self, task_index: int, finetuned: LoraState) -> LoraState:
         """The merged factors after task i from the fine-tuned ones and the previous merge."""
