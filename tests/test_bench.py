@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from loracl import bench, runner
 from loracl.bench import aggregate, parse_method, parse_order, write_bench_report
@@ -91,6 +92,30 @@ def test_second_invocation_skips_finished_cells(grid_copy, no_runs, capsys):
     assert main(bench_args(grid_copy)) == 0
     assert no_runs == []
     assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+def test_cells_in_parallel_workers_make_the_same_runs(grid, tmp_path, capsys):
+    out = tmp_path / "parallel"
+    assert main([*bench_args(out), "--jobs", "2"]) == 0  # workers inherit OMP_NUM_THREADS=1 (conftest)
+    printed = capsys.readouterr().out
+    assert printed.count("finished in") == 4 and "output in" in printed
+    for method in METHODS.split(","):
+        for order in ORDERS.split(","):
+            ours, theirs = (out / method / order, grid / method / order)
+            results = [json.loads((d / "results.json").read_text()) for d in (ours, theirs)]
+            for key in ("matrix", "config"):
+                assert results[0][key] == results[1][key]
+            weights = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (ours, theirs)]
+            assert weights[0].keys() == weights[1].keys()
+            for key in weights[0]:
+                torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=1e-6)
+            assert "method " in (out / method / f"{order}.log").read_text()  # the cell's output went there
+    assert [r["status"] for r in read_csv(out / "bench.csv")] == ["ok"] * 4
+
+
+def test_jobs_must_be_positive(tmp_path, no_runs, capsys):
+    assert main([*bench_args(tmp_path / "out"), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err and no_runs == []
 
 
 def test_unfinished_or_changed_cells_run_again(grid_copy, no_runs):

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from . import runner
+from . import runner, workers
 from .config import RunConfig, build_config, load_config_data
 from .data import ORDERS
 from .errors import ConfigError, RunInterrupted
@@ -260,8 +260,12 @@ def run_grid(
     overrides: Sequence[str] = (),
     output: str | Path = "runs/bench",
     label: str | None = None,
+    jobs: int = 1,
 ) -> list[CellResult]:
-    """Validate the whole grid, run the cells not finished yet, then write bench.md / .csv / .png."""
+    """Validate the whole grid, run the cells not finished yet (`jobs` of them at a time, each in its own
+    process, when jobs > 1), then write bench.md / .csv / .png."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, not {jobs}")
     output = Path(output)
     label = label or output.name
     method_specs, order_specs = parse_grid(methods, orders)
@@ -269,16 +273,32 @@ def run_grid(
     cells = plan_grid(base, method_specs, order_specs, output)
     command = bench_command(config_path, methods, orders, overrides, output, label)
     write_manifest(output, label, command, cells)
+    pending = []
     for number, cell in enumerate(cells, start=1):
         head = f"[cell {number}/{len(cells)}] {cell.method.text} on {cell.order.text}"
         if is_finished(cell.path, cell.config_json()):
             print(f"{head}: finished earlier, skipped")
-            continue
-        print(f"{head}: running in {cell.path}")
-        error = run_cell(cell)
-        if error:
-            print(f"{head}: FAILED: {error} (traceback in {cell.path / ERROR_FILE})")
+        else:
+            pending.append(workers.Job(head, cell.path, cell))
+    if jobs > 1 and len(pending) > 1:
+        workers.run_jobs(pending, jobs, run_cell, _recorded_error, _record_error)
+    else:
+        for job in pending:
+            print(f"{job.head}: running in {job.path}")
+            error = run_cell(job.cell)
+            if error:
+                print(f"{job.head}: FAILED: {error} (traceback in {job.path / ERROR_FILE})")
     return write_bench_report(output)
+
+
+def _recorded_error(path: Path) -> str | None:
+    return _error_summary(path) if (path / ERROR_FILE).is_file() else None
+
+
+def _record_error(job: workers.Job, summary: str) -> None:
+    job.path.mkdir(parents=True, exist_ok=True)
+    log = workers.log_path(job.path)
+    (job.path / ERROR_FILE).write_text(f"{summary}\n\nThe worker's output: {log}\n", encoding="utf-8")
 
 
 # -- the report ------------------------------------------------------------------------------------

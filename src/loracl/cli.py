@@ -28,6 +28,7 @@ BENCH_EPILOG = """examples:
   loracl bench configs/demo.yaml --methods slao,slao:schedule=inv,slao:init=random --orders order1 \\
       --output runs/bench-ablation --label "SLAO ablation"
   loracl bench configs/tiny.yaml --methods slao,seq_lora --orders agnews+yelp,yelp+agnews --max-train 8
+  loracl bench configs/gpu.yaml --methods slao,seq_lora,olora,inflora,mtl --jobs 4
   loracl bench --report-only runs/bench
 
 Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A cell whose results.json is
@@ -234,6 +235,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="runs/bench", help="bench directory (default: runs/bench)")
     p.add_argument("--label", help="title of the table (default: the output folder's name)")
     p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cells run at once, each in its own process with its own copy of the model (default 1). Pays "
+        "on a GPU with a small model, or a CPU with several cores (torch threads per worker: cores / N "
+        "unless OMP_NUM_THREADS is set); memory grows with N. Each cell's output goes to "
+        "DIR/<method>/<order>.log",
+    )
+    p.add_argument(
         "--report-only",
         metavar="DIR",
         help="run nothing: rebuild bench.md / .csv / .png from the cells already in DIR",
@@ -254,7 +266,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for key, cap in (("max_train", args.max_train), ("max_test", args.max_test)):
             if cap is not None:
                 overrides.append(f"benchmark.{key}={cap}")
-        cells = run_grid(args.config, args.methods, args.orders, overrides, args.output, args.label)
+        cells = run_grid(
+            args.config, args.methods, args.orders, overrides, args.output, args.label, args.jobs
+        )
     failed = [f"{c.method} on {c.order}" for c in cells if c.status == "failed"]
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -41,3 +41,8 @@ def check_interrupt() -> None:
     """Raise RunInterrupted if a stop was requested (called by the training loop at every step)."""
     if _received:
         raise RunInterrupted(f"stopped by {_received[0]}")
+
+
+def requested_signal() -> str | None:
+    """The name of the signal that asked for a stop (e.g. "SIGTERM"), or None."""
+    return _received[0] if _received else None
