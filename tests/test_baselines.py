@@ -135,7 +135,7 @@ def test_gainlora_new_gate_is_zero_on_old_inputs_and_old_gates_are_frozen(tmp_pa
     method.before_task(model, ctx2)
     W1 = bank.first_layer(1)
     W1_init = W1.detach().clone()
-    assert float(bank(p_old)[:, 1].detach().detach().abs().max()) < 1e-5  # g_2(x) = 0 on old inputs from the start
+    assert float(bank(p_old)[:, 1].detach().abs().max()) < 1e-5  # g_2(x) = 0 on old inputs from the start
     train_task(model, method, ctx2.encoded, config.train, ctx2.pad_id, seed=2)
     method.after_task(model, ctx2)
     assert not torch.allclose(W1, W1_init)  # the new gate learned ...
