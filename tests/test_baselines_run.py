@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 
 from loracl.config import load_config
 from loracl.context import TaskContext
 from loracl.data import Task
-from loracl.lora import LoraPair, get_lora_state, lora_layers
+from loracl.lora import LoraPair, get_lora_state, lora_layers, read_adapter_state
 from loracl.merging import truncate_to_lora
 from loracl.methods import create_method, method_class
 from loracl.methods.merging_base import MERGED_ADAPTER
@@ -47,14 +46,8 @@ def runs(tmp_path_factory):
 
 
 def read_lora(adapter_dir: Path) -> dict[str, LoraPair]:
-    """LoRA factors of a saved adapter, keyed like loracl.lora's layer names."""
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs = {}
-    for key, value in weights.items():
-        if key.endswith("lora_A.weight"):
-            layer = key.removesuffix(".lora_A.weight")
-            pairs[layer] = LoraPair(value, weights[f"{layer}.lora_B.weight"])
-    return pairs
+    """LoRA factors of a saved adapter (keys: the saved module paths)."""
+    return read_adapter_state(adapter_dir)
 
 
 def adapter_scaling(adapter_dir: Path) -> float:

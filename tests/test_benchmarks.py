@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from loracl.errors import LoraclError
 from loracl.lora import LoraPair
 from loracl.methods.slao import orthogonal_init, orthonormal_row_basis
 
@@ -185,3 +186,36 @@ def test_cpu_peak_memory_sees_an_allocation():
     after = growth.peak_mib(cpu)
     del block
     assert after - before > 48
+
+
+def test_slao_drift_on_known_factors():
+    drift = script("slao_drift").drift
+    q, _ = torch.linalg.qr(torch.randn(16, 4, dtype=torch.float64))
+    orthonormal = q.T.float()  # 4 x 16, orthonormal rows
+    B = torch.randn(8, 4)
+    same = LoraPair(orthonormal, B)
+    figures = drift(same, same, same, same)
+    assert figures["init_change"] == pytest.approx(0.0, abs=1e-5)  # already a basis: the init keeps B A
+    assert figures["swap_change"] == figures["merge_gap"] == 0.0
+    assert figures["prev_a_row_norm"] == pytest.approx(1.0)
+    scaled = LoraPair(2 * orthonormal, B)  # rows of norm 2: the basis halves B A
+    moved = LoraPair(-orthonormal, B)
+    figures = drift(scaled, scaled, moved, LoraPair(orthonormal, B))
+    assert figures["init_change"] == pytest.approx(0.5, rel=1e-5)
+    assert figures["swap_change"] == pytest.approx(1.5, rel=1e-5)  # |-B Q - 2 B Q| / |2 B Q|
+    assert figures["merge_gap"] == pytest.approx(2.0, rel=1e-5)  # |B Q + B Q| / |B Q|
+
+
+def test_slao_drift_reads_a_run(tmp_path, capsys):
+    from loracl.config import load_config
+    from loracl.runner import run
+
+    overrides = ["benchmark.max_train=4", "benchmark.max_test=2", "train.max_length=64"]
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run(load_config(tiny, [*overrides, "eval.zero_shot=false"]), tmp_path / "run")
+    capsys.readouterr()
+    figures = run_and_parse("slao_drift", [str(tmp_path / "run")], capsys)
+    assert {f"merge_gap_task{i}" for i in (2, 3)} <= figures.keys()  # tiny.yaml: 3 tasks
+    assert figures["prev_a_row_norm_task3"] == pytest.approx(1.0, abs=0.05)  # task 2 started orthonormal
+    with pytest.raises(LoraclError, match="not a slao run"):
+        script("slao_drift").main([str(tmp_path)])

@@ -102,6 +102,19 @@ def adapter_nbytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def read_adapter_state(directory: Path) -> LoraState:
+    """The LoRA factors of an adapter saved in PEFT format, keyed by the saved module path (float32)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    state = {}
+    for key, value in weights.items():
+        if key.endswith(".lora_A.weight"):
+            layer = key.removesuffix(".lora_A.weight")
+            state[layer] = LoraPair(value.float(), weights[f"{layer}.lora_B.weight"].float())
+    return state
+
+
 def save_adapter(model: PeftModel, directory: Path, adapter: str = DEFAULT_ADAPTER) -> None:
     """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors); only the
     main process writes (the others hold identical copies)."""
