@@ -135,10 +135,10 @@ def test_olora_penalty_is_the_l1_norm_of_A_j_A_i_T_summed_over_layers():
     expected_per_layer = (A1 @ A2.T).abs().sum()  # |1| + |0| + |-2| + |6| = 9
     assert float(expected_per_layer) == 9.0
     layers = 2  # q_proj of the 2 decoder layers
-    assert float(method.extra_loss(model, {})) == pytest.approx(0.5 * layers * 9.0)
-    l2 = float(l2_penalty(model, "task2"))  # B = 0 at PEFT init
+    assert float(method.extra_loss(model, {}).detach()) == pytest.approx(0.5 * layers * 9.0)
+    l2 = float(l2_penalty(model, "task2").detach())  # B = 0 at PEFT init
     assert l2 == pytest.approx(layers * float(A2.pow(2).sum()))
-    assert float(olora_loss(model, 0.0, 2.0)) == pytest.approx(2.0 * l2)
+    assert float(olora_loss(model, 0.0, 2.0).detach()) == pytest.approx(2.0 * l2)
 
 
 def test_only_the_current_adapter_is_trainable():
