@@ -206,8 +206,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="run a grid of methods x task orders and tabulate AP / BWT / FWT",
         description="Run every (method, task order) cell of a grid with the same config, one after the "
-        "other or --jobs N at a time (resumable), then write DIR/bench.md (AP / BWT / FWT per cell, mean and std over orders, the "
-        "paper's numbers beside ours), DIR/bench.csv (one row per cell) and DIR/bench.png (bar chart).",
+        "other or --jobs N at a time (resumable), then write DIR/bench.md (AP / BWT / FWT per cell, mean "
+        "and std over orders, the paper's numbers beside ours), DIR/bench.csv (one row per cell) and "
+        "DIR/bench.png (bar chart).",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
