@@ -16,6 +16,7 @@ from loracl import bench, runner
 from loracl.bench import aggregate, parse_method, parse_order, write_bench_report
 from loracl.cli import main
 from loracl.config import build_config
+from loracl.data import Task
 from loracl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def no_runs(monkeypatch) -> list[str]:
     (marked " (resumed)" when asked to continue one from its checkpoint)."""
     calls: list[str] = []
 
-    def record(config, out, overwrite=False, resume=False):
+    def record(config, out, overwrite=False, resume=False, zero_shot_cache=None):
         calls.append(str(out) + (" (resumed)" if resume else ""))
 
     monkeypatch.setattr(runner, "run", record)
@@ -113,6 +114,42 @@ def test_cells_in_parallel_workers_make_the_same_runs(grid, tmp_path, capsys):
     assert [r["status"] for r in read_csv(out / "bench.csv")] == ["ok"] * 4
 
 
+def test_the_base_model_is_evaluated_once_per_order(grid):
+    """The first method of each order evaluates the base model and caches its scores; the next reuses them."""
+    cached = list((grid / bench.ZERO_SHOT_DIR).glob("*.json"))
+    assert len(cached) == 2  # one per order: the tasks differ
+    first, second = METHODS.split(",")
+    for order in ORDERS.split(","):
+        runs = [json.loads((grid / m / order / "results.json").read_text()) for m in (first, second)]
+        assert runs[0]["zero_shot_from_cache"] is False and runs[0]["timings"]["zero_shot_eval"] > 0
+        assert runs[1]["zero_shot_from_cache"] is True and runs[1]["timings"]["zero_shot_eval"] == 0
+        assert runs[0]["zero_shot"] == runs[1]["zero_shot"]
+        assert len(runs[1]["zero_shot"]) == 2
+
+
+def test_zero_shot_cache_key_and_entries(tmp_path):
+    base = build_config({"model": {"name": "tiny-random-llama"}, "benchmark": {"order": "order1"}})
+    tasks = [Task(name, [], [], [], None, "exact_match", "") for name in ("dbpedia", "amazon")]
+    key = runner.zero_shot_key(base, tasks)
+    same_base = base.model_copy(update={"method": base.method.model_copy(update={"name": "olora"})})
+    same_base.train = base.train.model_copy(update={"lr": 0.5})
+    same_base.lora = base.lora.model_copy(update={"r": 2})
+    assert runner.zero_shot_key(same_base, tasks) == key  # method, optimiser and LoRA do not matter
+    for changed in (
+        base.model_copy(update={"eval": base.eval.model_copy(update={"batch_size": 3})}),
+        base.model_copy(update={"benchmark": base.benchmark.model_copy(update={"max_test": 5})}),
+        base.model_copy(update={"train": base.train.model_copy(update={"max_length": 64})}),
+    ):
+        assert runner.zero_shot_key(changed, tasks) != key
+    entry = tmp_path / "cache" / f"{key}.json"
+    assert runner.read_zero_shot(entry, tasks) is None
+    runner.write_zero_shot(entry, tasks, [12.5, 0.0])
+    assert runner.read_zero_shot(entry, tasks) == [12.5, 0.0]
+    assert runner.read_zero_shot(entry, tasks[::-1]) is None  # other tasks: not these scores
+    entry.write_text("{not json")
+    assert runner.read_zero_shot(entry, tasks) is None
+
+
 def test_jobs_must_be_positive(tmp_path, no_runs, capsys):
     assert main([*bench_args(tmp_path / "out"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err and no_runs == []
@@ -136,10 +173,10 @@ def test_unfinished_or_changed_cells_run_again(grid_copy, no_runs):
 def test_failing_cell_is_reported_and_the_exit_status_is_non_zero(grid_copy, monkeypatch, capsys):
     real_run = runner.run
 
-    def run_or_fail(config, out, overwrite=False, resume=False):
+    def run_or_fail(config, out, overwrite=False, resume=False, zero_shot_cache=None):
         if config.method.name == "zero_shot":
             raise RuntimeError("out of memory on purpose")
-        return real_run(config, out, overwrite=overwrite, resume=resume)
+        return real_run(config, out, overwrite=overwrite, resume=resume, zero_shot_cache=zero_shot_cache)
 
     monkeypatch.setattr(runner, "run", run_or_fail)
     code = main(bench_args(grid_copy, methods="slao,zero_shot", orders="COPA+SST-2"))

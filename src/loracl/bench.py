@@ -51,6 +51,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
 METRICS = ("AP", "BWT", "FWT", "forgetting")
 ERROR_FILE = "bench_error.txt"
 MANIFEST = "bench.json"
+ZERO_SHOT_DIR = "_zero_shot"  # cached base-model scores (method folders never start with "_")
 
 
 def _dirname(text: str) -> str:
@@ -126,6 +127,7 @@ class Cell:
     order: OrderSpec
     config: RunConfig
     path: Path
+    zero_shot_cache: Path | None = None  # shared by the grid: the base model is evaluated once per order
 
     def config_json(self) -> dict[str, Any]:
         """The resolved config as results.json stores it (what a finished cell is compared with)."""
@@ -158,7 +160,8 @@ def plan_grid(
                 create_method(method.name, config.method_options(), config.lora)
             except ConfigError as exc:
                 raise ConfigError(f"--methods {method.text}: {exc}") from exc
-            cells.append(Cell(method, order, config, output / _dirname(method.text) / _dirname(order.text)))
+            path = output / _dirname(method.text) / _dirname(order.text)
+            cells.append(Cell(method, order, config, path, output / ZERO_SHOT_DIR))
     checked: set[str] = set()
     for cell in cells:
         if cell.order.text not in checked:
@@ -196,9 +199,9 @@ def run_cell(cell: Cell) -> str | None:
     cell's bench_error.txt (the traceback follows it). Ctrl-C / SIGTERM stop the whole grid."""
     try:
         if _resumable(cell):
-            runner.run(cell.config, cell.path, resume=True)
+            runner.run(cell.config, cell.path, resume=True, zero_shot_cache=cell.zero_shot_cache)
         else:
-            runner.run(cell.config, cell.path, overwrite=True)
+            runner.run(cell.config, cell.path, overwrite=True, zero_shot_cache=cell.zero_shot_cache)
         return None
     except RunInterrupted:
         raise

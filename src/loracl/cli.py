@@ -35,7 +35,7 @@ Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A
 complete and holds the same resolved config is skipped, so rerunning the same command resumes the grid.
 A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; the others still run and
 the exit status is 1. Options in the config's method section apply to every method; give one method its
-own with NAME:KEY=VALUE."""
+own with NAME:KEY=VALUE. The base model is evaluated once per order (scores cached in DIR/_zero_shot/)."""
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import time
@@ -33,7 +34,7 @@ from .context import TaskContext
 from .data import Task, load_benchmark
 from .errors import CheckpointError, ConfigError, RunInterrupted
 from .evaluation import Evaluator
-from .files import write_json_atomic
+from .files import write_json_atomic, write_json_durable
 from .interrupt import check_interrupt, stop_on_signals
 from .methods import ContinualMethod, create_method
 from .metrics import all_metrics
@@ -146,6 +147,7 @@ class ContinualRun:
     tasks: list[Task]
     loaded: LoadedModel
     run_dir: Path
+    zero_shot_cache: Path | None = None  # folder of base-model scores shared by runs (see zero_shot)
 
     def __post_init__(self) -> None:
         self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
@@ -231,11 +233,25 @@ class ContinualRun:
         return scores, time.perf_counter() - start
 
     def zero_shot(self) -> None:
-        with self.model.disable_adapter():
-            scores, seconds = self.evaluate_all("zero-shot eval")
+        """The base model's scores b_j (for FWT). With a `zero_shot_cache` folder (every cell of a `loracl
+        bench` grid shares one), runs whose base model, tasks and evaluation settings agree evaluate the
+        base model once: the scores depend on nothing else."""
+        cache = None
+        if self.zero_shot_cache is not None:
+            cache = self.zero_shot_cache / f"{zero_shot_key(self.config, self.tasks)}.json"
+        cached = distributed.broadcast_object(read_zero_shot(cache, self.tasks) if cache else None)
+        if cached is not None:
+            scores, seconds, source = cached, 0.0, f"from {cache}"
+        else:
+            with self.model.disable_adapter():
+                scores, seconds = self.evaluate_all("zero-shot eval")
+            source = f"{seconds:.0f} s"
+            if cache and distributed.is_main():
+                write_zero_shot(cache, self.tasks, scores)
         self.results["zero_shot"] = scores
+        self.results["zero_shot_from_cache"] = cached is not None
         self.results["timings"]["zero_shot_eval"] = seconds
-        say(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({seconds:.0f} s)")
+        say(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({source})")
 
     def context(self, index: int, task: Task, folder: str) -> TaskContext:
         task_dir = self.run_dir / "tasks" / folder
@@ -409,6 +425,40 @@ class ContinualRun:
         return r
 
 
+def zero_shot_key(config: RunConfig, tasks: list[Task]) -> str:
+    """Digest of what the base model's scores depend on: the model, the tasks and their caps, the prompt
+    length and the evaluation settings (never the method, LoRA or optimiser settings)."""
+    relevant = {
+        "model": config.model.model_dump(mode="json", exclude={"cache_dir"}),
+        "benchmark": config.benchmark.model_dump(mode="json"),
+        "eval": config.eval.model_dump(mode="json"),
+        "max_length": config.train.max_length,
+        "seed": config.train.seed,  # picks the capped examples
+        "tasks": [(t.name, len(t.test)) for t in tasks],
+    }
+    return config_hash(json.dumps(relevant, sort_keys=True))
+
+
+def read_zero_shot(path: Path, tasks: list[Task]) -> list[float] | None:
+    """Cached zero-shot scores for `tasks`, or None when absent, unreadable or for other tasks."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["tasks"] == [t.name for t in tasks] and len(data["scores"]) == len(tasks):
+            return [float(s) for s in data["scores"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def write_zero_shot(path: Path, tasks: list[Task], scores: list[float]) -> None:
+    """Store zero-shot scores; a temporary name of this process's own, since runs side by side may write
+    the same entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write_json_durable({"tasks": [t.name for t in tasks], "scores": scores}, tmp)
+    os.replace(tmp, path)
+
+
 def _resume_target(
     config: RunConfig | None, output_dir: str | Path | None, overwrite: bool
 ) -> tuple[Path, RunConfig]:
@@ -426,11 +476,12 @@ def run(
     output_dir: str | Path | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    zero_shot_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
 
     With `resume`, the run in `output_dir` continues after its last finished task (config None: that run's
-    own config.yaml)."""
+    own config.yaml). `zero_shot_cache`: a folder where runs share the base model's scores."""
     start = time.perf_counter()
     if resume:
         run_dir, config = _resume_target(config, output_dir, overwrite)
@@ -442,6 +493,7 @@ def run(
     elif config is None:
         raise ConfigError("a config is needed to start a run")
     cl = prepare_run(config, output_dir, overwrite, resume)
+    cl.zero_shot_cache = zero_shot_cache
     if resume:
         cl.resume()
     return cl.run_all(start)
