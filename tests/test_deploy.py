@@ -144,6 +144,21 @@ def test_refusals_are_one_line(slao, tmp_path, capsys):
     assert "no final adapter" in one_line_error(capsys, ["eval", str(unfinished)])
 
 
+def test_merged_export_keeps_the_dtype_the_run_trained_in(slao, tmp_path):
+    """`dtype: auto` resolves to float32 on the CPU where export merges; a run whose base weights were
+    bfloat16 (auto on a GPU) must come out in bfloat16 all the same."""
+    results = json.loads((slao.run_dir / "results.json").read_text())
+    assert results["base_dtype"] == "float32"
+    run = Path(shutil.copytree(slao.run_dir, tmp_path / "run"))  # made into a bf16 run with `dtype: auto`
+    config = (run / "config.yaml").read_text()
+    assert "dtype: float32" in config
+    (run / "config.yaml").write_text(config.replace("dtype: float32", "dtype: auto"))
+    (run / "results.json").write_text(json.dumps({**results, "base_dtype": "bfloat16"}))
+    assert main(["export", str(run), "--to", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype="auto")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
 def test_merge_refused_for_input_dependent_gates(slao, tmp_path, capsys):
     """GainLoRA's gates depend on the input: no single weight matrix equals its model."""
     fake = tmp_path / "gainlora-run"

@@ -59,9 +59,13 @@ def _recorded_base(adapter_dir: Path) -> str:
     return recorded
 
 
-def _run_method(run_dir: Path) -> str | None:
+def _run_results(run_dir: Path) -> dict[str, Any]:
     results = run_dir / "results.json"
-    return json.loads(results.read_text(encoding="utf-8")).get("method") if results.is_file() else None
+    return json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+
+
+def _run_method(run_dir: Path) -> str | None:
+    return _run_results(run_dir).get("method")
 
 
 def resolve_source(path: str | Path, overrides: list[str] = (), model: str | None = None) -> Source:
@@ -84,10 +88,13 @@ def resolve_source(path: str | Path, overrides: list[str] = (), model: str | Non
     )
 
 
-def load_final_model(source: Source, device: str | None = None) -> tuple[PeftModel, LoadedModel]:
-    """The base model of `source` with its adapter(s) loaded, in eval mode, as the run evaluated it."""
+def load_final_model(
+    source: Source, device: str | None = None, dtype: str | None = None
+) -> tuple[PeftModel, LoadedModel]:
+    """The base model of `source` with its adapter(s) loaded, in eval mode, as the run evaluated it (`dtype`:
+    the base weights' dtype instead of the config's)."""
     m = source.config.model
-    loaded = load_model(m.name, dtype=m.dtype, device=device or m.device, cache_dir=m.cache_dir)
+    loaded = load_model(m.name, dtype=dtype or m.dtype, device=device or m.device, cache_dir=m.cache_dir)
     return load_adapter(source.adapter_dir, loaded.model), loaded
 
 
@@ -118,7 +125,10 @@ def export(run_dir: str | Path, target: str | Path, merge: bool = False, overwri
     if not merge:
         shutil.copytree(source.adapter_dir, target)
         return target
-    model, loaded = load_final_model(source, device="cpu")
+    # On CPU, in the dtype the run's base weights had: `dtype: auto` alone would give float32 here for a
+    # run that trained in bfloat16 on a GPU.
+    run_dtype = _run_results(source.run_dir).get("base_dtype") if source.run_dir else None
+    model, loaded = load_final_model(source, device="cpu", dtype=run_dtype)
     merged = model.merge_and_unload()  # W0 + sum over active adapters of s B A
     merged.save_pretrained(str(target))
     loaded.tokenizer.save_pretrained(str(target))

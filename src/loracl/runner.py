@@ -212,6 +212,7 @@ class ContinualRun:
             "stored_adapters": [],
             "per_task": [],
             "device": str(next(self.model.parameters()).device),
+            "base_dtype": str(self.loaded.model.dtype).removeprefix("torch."),  # what `export --merge` saves
             "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
             "loracl_version": __version__,
             "config": c.model_dump(mode="json"),
