@@ -134,3 +134,39 @@ def test_unknown_option_is_a_clear_error():
         make_slao(lambda_schedule="inv")
     with pytest.raises(ConfigError, match="method.merge"):
         make_slao(merge="C")
+
+
+def test_rebase_b_init_keeps_every_layers_update():
+    """`rebase_b` (not the paper's): B_init A_init = B_ft A_ft exactly; the paper's B_init = B_ft does not."""
+    torch.manual_seed(0)
+    A, B = 0.6 * torch.randn(3, 7), torch.randn(5, 3)  # PEFT-like A: rows of norm well below 1
+    paper, rebased = make_slao(), make_slao(rebase_b=True)
+    paper.finetuned = rebased.finetuned = {"layer": LoraPair(A, B)}
+    plain, kept = paper.initial_state(2)["layer"], rebased.initial_state(2)["layer"]
+    torch.testing.assert_close(kept.A, plain.A)  # the same orthonormal A_init
+    torch.testing.assert_close(kept.B @ kept.A, B @ A)
+    assert torch.linalg.matrix_norm(plain.B @ plain.A - B @ A) > 0.1 * torch.linalg.matrix_norm(B @ A)
+
+
+def test_rebase_b_merges_the_previous_merged_B_in_the_new_basis():
+    slao = make_slao(rebase_b=True)
+    ft1 = state([[3.0, 0.0, 4.0]], [[1.0], [2.0]])  # A_init = [[0.6, 0, 0.8]], so C = A_ft,1 A_init^T = [[5]]
+    slao.merged = slao.merge(1, ft1)
+    slao.finetuned = ft1
+    init = slao.initial_state(2)["layer"]
+    torch.testing.assert_close(init.B, torch.tensor([[5.0], [10.0]]))
+    ft2 = state([[0.0, 1.0, 0.0]], [[1.0], [0.0]])
+    merged = slao.merge(2, ft2)["layer"]
+    # B_m,2 = B_m,1 C + (1/sqrt 2) (B_ft,2 - B_m,1 C), with B_m,1 C = [[5], [10]]
+    weight = 1 / math.sqrt(2)
+    expected = torch.tensor([[5.0 + weight * (1.0 - 5.0)], [10.0 + weight * (0.0 - 10.0)]])
+    torch.testing.assert_close(merged.B, expected)
+    torch.testing.assert_close(merged.A, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("options", [{"init": "random"}, {"merge": "A_and_B"}, {"merge": "A"}])
+def test_rebase_b_refuses_options_without_one_basis(options):
+    from loracl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^method: Value error, rebase_b needs init last_ft or last_merge"):
+        make_slao(rebase_b=True, **options)

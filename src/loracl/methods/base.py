@@ -199,7 +199,7 @@ def create_method(name: str, options: dict[str, Any], lora: LoraSection) -> Cont
         parsed = cls.Options.model_validate(options)
     except ValidationError as err:
         first = err.errors()[0]
-        key = "method." + ".".join(str(p) for p in first["loc"])
+        key = ".".join(["method", *(str(p) for p in first["loc"])])  # no loc: a check across options
         if first["type"] == "extra_forbidden":
             valid = list(cls.Options.model_fields)
             close = difflib.get_close_matches(str(first["loc"][0]), valid, n=1)

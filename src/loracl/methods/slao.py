@@ -4,7 +4,8 @@ Per adapted layer, for task i >= 2:
   init   Q R = A_ft,i-1^T (reduced QR), Q <- Q diag(sign(diag R)), A_init = Q^T, B_init = B_ft,i-1
   merge  A_m,i = A_ft,i;  B_m,i = B_m,i-1 + lambda(i) (B_ft,i - B_m,i-1),  lambda(i) = 1 / sqrt(i)
 The model after task i is W0 + s B_m,i A_m,i: one ordinary LoRA, whatever T.
-Ablation options (init, merge, schedule, freeze) are those the paper reports.
+Ablation options (init, merge, schedule, freeze) are those the paper reports. `rebase_b` is not in the
+paper: it expresses B in the new basis (B C, C = A A_init^T) so that the init leaves B A unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 
 import torch
 from peft import PeftModel
+from pydantic import model_validator
 
 from ..context import TaskContext
 from ..lora import (
@@ -50,6 +52,12 @@ def orthogonal_init(
     return {name: LoraPair(row_basis(p.A), p.B.clone()) for name, p in source.items()}
 
 
+def basis_coefficients(A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """C (r x r) with A = C basis, for `basis` with orthonormal rows spanning A's rows: C = A basis^T.
+    Then (B C) basis = B A: the same update, with B expressed in the new basis."""
+    return A @ basis.T
+
+
 def merge_weight(task_index: int, schedule: str, constant: float = 0.5) -> float:
     """lambda(i): 1/sqrt(i) (paper), 1/i (running mean) or a constant; lambda(1) = 1 (nothing to merge)."""
     if task_index == 1:
@@ -72,6 +80,18 @@ class SLAOOptions(MethodOptions):
     schedule: Literal["inv_sqrt", "inv", "constant"] = "inv_sqrt"
     constant: float = 0.5
     freeze: Literal["none", "A", "B"] = "none"
+    # Not in the paper (METHODS.md has B_init = B_ft,i-1 as is): B_init = B_ft,i-1 C and, in the merge,
+    # B_m,i-1 C, C = A_ft,i-1 A_init^T, so that the orthonormal init changes no layer's B A.
+    rebase_b: bool = False
+
+    @model_validator(mode="after")
+    def _rebase_needs_a_basis_of_the_paired_a(self) -> SLAOOptions:
+        if self.rebase_b and (self.init == "random" or self.merge not in ("B", "none")):
+            raise ValueError(
+                "rebase_b needs init last_ft or last_merge and merge B or none (the merged B must be paired "
+                "with the A whose basis starts the next task)"
+            )
+        return self
 
 
 @register
@@ -90,12 +110,19 @@ class SLAO(ContinualMethod):
         super().__init__(options, lora)
         self.finetuned: LoraState = {}  # A_ft,i-1 / B_ft,i-1
         self.merged: LoraState = {}  # A_m,i-1 / B_m,i-1
+        self.rebase: dict[str, torch.Tensor] = {}  # `rebase_b`: the current task's C per layer
 
     def initial_state(self, task_index: int) -> LoraState | None:
         """The (A_init, B_init) of task i; None means PEFT's own init (A random, B = 0)."""
         if task_index == 1 or self.options.init == "random":
             return None
-        return orthogonal_init(self.finetuned if self.options.init == "last_ft" else self.merged)
+        source = self.finetuned if self.options.init == "last_ft" else self.merged
+        init = orthogonal_init(source)
+        if not self.options.rebase_b:
+            return init
+        # merge B / none keep A_m = A_ft, so last_ft and last_merge share A and one C serves B_ft and B_m
+        self.rebase = {name: basis_coefficients(source[name].A, p.A) for name, p in init.items()}
+        return {name: LoraPair(p.A, source[name].B @ self.rebase[name]) for name, p in init.items()}
 
     def merge(self, task_index: int, finetuned: LoraState) -> LoraState:
         """The merged factors after task i from the fine-tuned ones and the previous merge."""
@@ -107,6 +134,8 @@ class SLAO(ContinualMethod):
         merged = {}
         for name, ft in finetuned.items():
             prev = self.merged[name]
+            if self.options.rebase_b:  # B_m,i-1 in the basis task i trained in
+                prev = LoraPair(prev.A, prev.B @ self.rebase[name])
             A = interpolate(prev.A, ft.A, weight) if merge_A else ft.A.clone()
             B = interpolate(prev.B, ft.B, weight) if merge_B else ft.B.clone()
             merged[name] = LoraPair(A, B)
