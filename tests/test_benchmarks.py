@@ -204,6 +204,9 @@ def test_slao_drift_on_known_factors():
     assert figures["init_change"] == pytest.approx(0.5, rel=1e-5)
     assert figures["swap_change"] == pytest.approx(1.5, rel=1e-5)  # |-B Q - 2 B Q| / |2 B Q|
     assert figures["merge_gap"] == pytest.approx(2.0, rel=1e-5)  # |B Q + B Q| / |B Q|
+    rebased = drift(scaled, scaled, moved, LoraPair(orthonormal, B), rebase_b=True)  # B_init = B C, C = 2 I
+    assert rebased["init_change"] == pytest.approx(0.0, abs=1e-5)
+    assert rebased["swap_change"] == pytest.approx(2.0, rel=1e-5)  # |-2 B Q - 2 B Q| / |2 B Q|
 
 
 def test_slao_drift_reads_a_run(tmp_path, capsys):
