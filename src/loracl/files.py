@@ -35,7 +35,8 @@ def write_json_durable(data: Any, path: Path) -> None:
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers never see a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temporary name, flush to disk, then rename: readers never see a torn file. The temporary
+    name is the process's own, so processes writing the same file side by side never share one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write_json_durable(data, tmp)
     os.replace(tmp, path)

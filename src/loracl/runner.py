@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import time
@@ -34,7 +33,7 @@ from .context import TaskContext
 from .data import Task, load_benchmark
 from .errors import CheckpointError, ConfigError, RunInterrupted
 from .evaluation import Evaluator
-from .files import write_json_atomic, write_json_durable
+from .files import write_json_atomic
 from .interrupt import check_interrupt, stop_on_signals
 from .methods import ContinualMethod, create_method
 from .metrics import all_metrics
@@ -240,7 +239,8 @@ class ContinualRun:
         cache = None
         if self.zero_shot_cache is not None:
             cache = self.zero_shot_cache / f"{zero_shot_key(self.config, self.tasks)}.json"
-        cached = distributed.broadcast_object(read_zero_shot(cache, self.tasks) if cache else None)
+        found = read_zero_shot(cache, self.tasks) if cache and distributed.is_main() else None
+        cached = distributed.broadcast_object(found)  # the main process's reading, on every process
         if cached is not None:
             scores, seconds, source = cached, 0.0, f"from {cache}"
         else:
@@ -452,12 +452,9 @@ def read_zero_shot(path: Path, tasks: list[Task]) -> list[float] | None:
 
 
 def write_zero_shot(path: Path, tasks: list[Task], scores: list[float]) -> None:
-    """Store zero-shot scores; a temporary name of this process's own, since runs side by side may write
-    the same entry."""
+    """Store zero-shot scores (runs side by side may write the same entry: the write is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write_json_durable({"tasks": [t.name for t in tasks], "scores": scores}, tmp)
-    os.replace(tmp, path)
+    write_json_atomic({"tasks": [t.name for t in tasks], "scores": scores}, path)
 
 
 def _resume_target(
