@@ -113,7 +113,8 @@ class SLAO(ContinualMethod):
         self.rebase: dict[str, torch.Tensor] = {}  # `rebase_b`: the current task's C per layer
 
     def initial_state(self, task_index: int) -> LoraState | None:
-        """The (A_init, B_init) of task i; None means PEFT's own init (A random, B = 0)."""
+        """The (A_init, B_init) of task i; None means PEFT's own init (A random, B = 0). With `rebase_b` it
+        also records each layer's C, which the merge after task i applies to B_m,i-1."""
         if task_index == 1 or self.options.init == "random":
             return None
         source = self.finetuned if self.options.init == "last_ft" else self.merged
