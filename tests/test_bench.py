@@ -170,6 +170,18 @@ def test_unfinished_or_changed_cells_run_again(grid_copy, no_runs):
     assert len(no_runs) == 4 and not any("resumed" in c for c in no_runs)
 
 
+def test_a_full_matrix_answers_a_metrics_grid_but_not_the_reverse(grid_copy, no_runs, capsys):
+    assert main([*bench_args(grid_copy), "--set", "eval.matrix=metrics"]) == 0
+    assert no_runs == [] and capsys.readouterr().out.count("finished earlier, skipped") == 4
+    cell = grid_copy / "slao" / "COPA+SST-2"
+    results = json.loads((cell / "results.json").read_text())
+    results["matrix"][0][1] = None  # as a metrics run of more tasks leaves some entries
+    results["config"]["eval"]["matrix"] = "metrics"
+    (cell / "results.json").write_text(json.dumps(results))
+    assert main(bench_args(grid_copy)) == 0
+    assert no_runs == [str(cell)]  # from scratch: resuming a complete run would change nothing
+
+
 def test_failing_cell_is_reported_and_the_exit_status_is_non_zero(grid_copy, monkeypatch, capsys):
     real_run = runner.run
 

@@ -35,6 +35,21 @@ def test_forgetting_uses_max_over_earlier_rows():
     assert forgetting(MATRIX) == pytest.approx(25.0)
 
 
+def test_the_metrics_entries_alone_give_the_same_ap_bwt_fwt():
+    """`eval.matrix: metrics` leaves out every entry but a[i][i], a[i][i+1] and the last row."""
+    sparse = [
+        [80.0, 10.0, None],
+        [None, 90.0, 20.0],
+        [50.0, 70.0, 85.0],
+    ]
+    full, some = all_metrics(MATRIX, ZERO_SHOT), all_metrics(sparse, ZERO_SHOT)
+    assert some == {**full, "forgetting": None}  # forgetting needs every earlier row
+    assert full["forgetting"] == pytest.approx(25.0)
+    incomplete_last_row = [row[:] for row in MATRIX]
+    incomplete_last_row[-1][0] = None
+    assert all_metrics(incomplete_last_row, ZERO_SHOT)["AP"] is None
+
+
 def test_single_task_has_no_transfer():
     metrics = all_metrics([[42.0]], [1.0])
     assert metrics == {"AP": 42.0, "BWT": None, "FWT": None, "forgetting": None}

@@ -259,6 +259,22 @@ def test_resume_refusals(reference: Path, tmp_path: Path, capsys: pytest.Capture
     assert "already complete" in capsys.readouterr().out
 
 
+def test_resume_may_change_a_harmless_key(reference: Path, tmp_path: Path) -> None:
+    """eval.matrix picks which entries are evaluated, not what they score: a run may finish with another."""
+    out = tmp_path / "switched"
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):
+        fail_in_task(patch, 2, crash)
+        run(small_config(), out)
+    sparse = load_config(TINY, [*SMALL, "method.name=slao", "eval.matrix=metrics"])
+    run(sparse, out, resume=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["eval"]["matrix"] == "metrics"
+    assert load_config(out / "config.yaml").eval.matrix == "metrics"
+    full = outcome(reference)
+    assert results["matrix"] == full["matrix"]  # T = 2: the metrics read every entry
+    assert results["metrics"] == full["metrics"]
+
+
 def test_edited_config_or_damaged_checkpoint_is_refused(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "edited"
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):

@@ -121,6 +121,29 @@ def test_orthogonal_init_in_the_model():
         torch.testing.assert_close(pair.B, slao.finetuned[name].B)
 
 
+def test_metrics_matrix_evaluates_only_the_entries_the_metrics_read(slao_run, tmp_path, monkeypatch):
+    _, full, _ = slao_run
+    evaluated: list[str] = []
+    real = Evaluator.evaluate
+
+    def evaluate(self, model, task):
+        evaluated.append(task.name)
+        return real(self, model, task)
+
+    monkeypatch.setattr(Evaluator, "evaluate", evaluate)
+    out = tmp_path / "sparse"
+    sparse = run(load_config(TINY, ["eval.matrix=metrics"]), out)
+    T = len(sparse["tasks"])
+    assert len(evaluated) == T + 3 * T - 2  # zero-shot, then a[i][i], a[i][i+1] and the last row
+    for i, row in enumerate(sparse["matrix"]):
+        for j, value in enumerate(row):
+            kept = i == T - 1 or j in (i, i + 1)
+            assert (value is not None) == kept
+            assert value is None or value == full["matrix"][i][j]  # the same model, the same scores
+    assert sparse["metrics"] == {**full["metrics"], "forgetting": None}
+    assert "were not evaluated" in (out / "report.md").read_text() and (out / "matrix.png").is_file()
+
+
 def test_seq_lora_runs_through_the_cli(tmp_path, capsys):
     out = tmp_path / "seq"
     code = main(["run", str(TINY), "--set", "method.name=seq_lora", "--set", "benchmark.tasks=[agnews,yelp]",

@@ -177,14 +177,28 @@ def _read_results(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_finished(path: Path, config_json: dict[str, Any]) -> bool:
+def made_with(results: dict[str, Any], config: RunConfig) -> bool:
+    """Whether a complete run's results.json answers `config`: the same config up to harmless keys
+    (runner.HARMLESS_KEYS), and a full matrix unless `config` asks for the metrics' entries only."""
+    try:
+        done = build_config(results["config"], "results.json")
+    except (ConfigError, KeyError, TypeError):
+        return False
+    if runner.result_relevant_config(done) != runner.result_relevant_config(config):
+        return False
+    full_matrix = all(v is not None for row in results.get("matrix", []) for v in row)
+    return config.eval.matrix == "metrics" or full_matrix
+
+
+def is_finished(path: Path, config: RunConfig) -> bool:
     results = _read_results(path)
-    return bool(results and results.get("complete") and results.get("config") == config_json)
+    return bool(results and results.get("complete") and made_with(results, config))
 
 
 def _resumable(cell: Cell) -> bool:
-    """A cell interrupted after some finished task, with the same config: continue it (`run --resume`)."""
-    if not (cell.path / "checkpoint" / "latest.json").is_file():
+    """A cell interrupted after some finished task, with the same config: continue it (`run --resume`).
+    A complete cell that does not answer the grid (a sparse matrix where a full one is asked) runs again."""
+    if not (cell.path / "checkpoint" / "latest.json").is_file() or runner.already_complete(cell.path):
         return False
     try:
         runner.resumed_config(cell.path, cell.config)
@@ -279,7 +293,7 @@ def run_grid(
     pending = []
     for number, cell in enumerate(cells, start=1):
         head = f"[cell {number}/{len(cells)}] {cell.method.text} on {cell.order.text}"
-        if is_finished(cell.path, cell.config_json()):
+        if is_finished(cell.path, cell.config):
             print(f"{head}: finished earlier, skipped")
         else:
             pending.append(workers.Job(head, cell.path, cell))
@@ -335,7 +349,11 @@ def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
         return CellResult(entry["method"], entry["order"], "missing")
     if not results.get("complete"):
         return CellResult(entry["method"], entry["order"], "incomplete", results)
-    status = "ok" if results.get("config") == entry["config"] else "stale"
+    try:
+        wanted = build_config(entry["config"], str(output / MANIFEST))
+    except ConfigError:
+        return CellResult(entry["method"], entry["order"], "stale", results)
+    status = "ok" if made_with(results, wanted) else "stale"
     return CellResult(entry["method"], entry["order"], status, results)
 
 

@@ -75,6 +75,11 @@ class EvalSection(_Section):
         32, gt=0, description="generation cap; classification tasks stop after their longest label"
     )
     zero_shot: bool = Field(True, description="evaluate the base model first (needed for FWT)")
+    matrix: Literal["full", "metrics"] = Field(
+        "full",
+        description="full: every task after every task (T*T evaluations); metrics: only the entries AP, "
+        "BWT and FWT read (tasks i and i+1 after task i, every task after the last: 3T-2), forgetting n/a",
+    )
 
 
 class RunConfig(_Section):

@@ -1,14 +1,26 @@
 """Continual-learning metrics of METHODS.md on the accuracy matrix a[i][j] (score on task j after task i).
 
 Indices here are 0-based; the formulas are the 1-based ones of METHODS.md. BWT, FWT and forgetting average
-over T - 1 tasks (some papers divide by T: not the default here).
+over T - 1 tasks (some papers divide by T: not the default here). An entry may be None (not evaluated, see
+`eval.matrix: metrics`); a metric that needs a missing entry is None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-Matrix = Sequence[Sequence[float]]
+Matrix = Sequence[Sequence[float | None]]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of `values`, or None when any is missing."""
+    if any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _max(values: list[float | None]) -> float | None:
+    return None if None in values else max(values)  # type: ignore[type-var]
 
 
 def _check(matrix: Matrix) -> int:
@@ -18,10 +30,14 @@ def _check(matrix: Matrix) -> int:
     return T
 
 
-def average_performance(matrix: Matrix) -> float:
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def average_performance(matrix: Matrix) -> float | None:
     """AP = (1/T) sum_j a[T][j]."""
-    T = _check(matrix)
-    return sum(matrix[-1]) / T
+    _check(matrix)
+    return _mean(list(matrix[-1]))
 
 
 def backward_transfer(matrix: Matrix) -> float | None:
@@ -29,7 +45,7 @@ def backward_transfer(matrix: Matrix) -> float | None:
     T = _check(matrix)
     if T < 2:
         return None
-    return sum(matrix[-1][j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
+    return _mean([_difference(matrix[-1][j], matrix[j][j]) for j in range(T - 1)])
 
 
 def forward_transfer(matrix: Matrix, zero_shot: Sequence[float]) -> float | None:
@@ -37,7 +53,7 @@ def forward_transfer(matrix: Matrix, zero_shot: Sequence[float]) -> float | None
     T = _check(matrix)
     if T < 2 or len(zero_shot) != T:
         return None
-    return sum(matrix[j - 1][j] - zero_shot[j] for j in range(1, T)) / (T - 1)
+    return _mean([_difference(matrix[j - 1][j], zero_shot[j]) for j in range(1, T)])
 
 
 def forgetting(matrix: Matrix) -> float | None:
@@ -45,7 +61,8 @@ def forgetting(matrix: Matrix) -> float | None:
     T = _check(matrix)
     if T < 2:
         return None
-    return sum(max(matrix[row][j] for row in range(T - 1)) - matrix[-1][j] for j in range(T - 1)) / (T - 1)
+    best_before = [_max([matrix[row][j] for row in range(T - 1)]) for j in range(T - 1)]
+    return _mean([_difference(best_before[j], matrix[-1][j]) for j in range(T - 1)])
 
 
 def all_metrics(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
+
+
+def matrix_entry(value: float | None) -> str:
+    """An accuracy-matrix entry; None is one not evaluated (`eval.matrix: metrics`)."""
+    return "–" if value is None else f"{value:.1f}"
 
 
 def _bytes(n: int) -> str:
@@ -32,6 +38,15 @@ MATRIX_ROWS = {
 }
 
 
+def sparse_note(results: dict[str, Any]) -> str:
+    if not any(v is None for row in results["matrix"] for v in row):
+        return ""
+    return (
+        " Entries shown – were not evaluated: `eval.matrix: metrics` evaluates only those AP, BWT and FWT "
+        "read (forgetting needs them all)."
+    )
+
+
 def matrix_table(results: dict[str, Any]) -> str:
     tasks = results["tasks"]
     final_only = results.get("matrix_rows") == "final_model"
@@ -39,7 +54,10 @@ def matrix_table(results: dict[str, Any]) -> str:
     if results.get("zero_shot"):
         lines.append("| (zero-shot) | " + " | ".join(_fmt(v) for v in results["zero_shot"]) + " |")
     for i, row in enumerate(results["matrix"]):
-        cells = [f"**{_fmt(v)}**" if j == i and not final_only else _fmt(v) for j, v in enumerate(row)]
+        cells = [
+            f"**{matrix_entry(v)}**" if j == i and not final_only else matrix_entry(v)
+            for j, v in enumerate(row)
+        ]
         label = "(final, joint)" if final_only else f"{i + 1}. {tasks[i]}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -130,7 +148,7 @@ FWT = score on the next task before training on it, minus the base model's; see 
 
 ## Accuracy matrix
 
-{MATRIX_ROWS.get(results.get("matrix_rows", "after_each_task"), "")}
+{MATRIX_ROWS.get(results.get("matrix_rows", "after_each_task"), "")}{sparse_note(results)}
 
 {matrix_table(results)}
 
@@ -156,7 +174,7 @@ def plot_matrix(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = results["tasks"]
-    matrix = results["matrix"]
+    matrix = [[math.nan if v is None else v for v in row] for row in results["matrix"]]  # NaN: blank
     size = max(4.0, 0.6 * len(tasks) + 2)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
@@ -173,6 +191,8 @@ def plot_matrix(results: dict[str, Any], path: Path) -> None:
     if len(tasks) <= 16:
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
+                if math.isnan(value):
+                    continue
                 ax.text(
                     j,
                     i,

@@ -18,7 +18,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,12 +38,13 @@ from .interrupt import check_interrupt, stop_on_signals
 from .methods import ContinualMethod, create_method
 from .metrics import all_metrics
 from .models import LoadedModel, load_model
-from .report import matrix_table, metrics_line, plot_matrix, write_report
+from .report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
 from .text import PromptEncoder
 from .training import TrainStats, train_task
 
 # Keys that may change between a run and its resumption: they do not affect any result.
-HARMLESS_KEYS = ("output_dir", "model.cache_dir")
+# Keys a resumed run may change: they change no score. eval.matrix only picks which entries are evaluated.
+HARMLESS_KEYS = ("output_dir", "model.cache_dir", "eval.matrix")
 
 
 def say(*args: Any) -> None:
@@ -83,7 +84,8 @@ def result_relevant_config(config: RunConfig) -> str:
 
 
 def resumed_config(run_dir: Path, given: RunConfig | None) -> RunConfig:
-    """The config of the run in `run_dir`; a config given again must match it except in harmless keys."""
+    """The config of the run in `run_dir`; a config given again must match it except in harmless keys,
+    which then take the values given now (another cache folder, `eval.matrix` for the remaining tasks)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
@@ -97,7 +99,7 @@ def resumed_config(run_dir: Path, given: RunConfig | None) -> RunConfig:
                 f"--resume: {key} is {new.get(key)!r} but the run in {run_dir} used {old.get(key)!r}; "
                 "resume with the same config (or none: the run's own config.yaml is used)"
             )
-    return saved
+    return given
 
 
 def already_complete(run_dir: Path) -> dict[str, Any] | None:
@@ -170,6 +172,8 @@ class ContinualRun:
             return
         restore_checkpoint(self.model, self.method, checkpoint)
         self.results = checkpoint.results
+        self.results["config"] = self.config.model_dump(mode="json")  # harmless keys may have changed
+        distributed.on_main(lambda: write_config(self.run_dir, self.config))
         self.results["resumed_after"] = [*self.results.get("resumed_after", []), checkpoint.finished]
         say(f"resuming after {checkpoint.finished} finished task(s)")
 
@@ -227,10 +231,26 @@ class ContinualRun:
             return "unchanged_model"  # every row: the same untrained model
         return "after_each_task"  # row i: after training task i
 
-    def evaluate_all(self, description: str) -> tuple[list[float], float]:
+    def evaluate_all(
+        self, description: str, wanted: Sequence[int] | None = None
+    ) -> tuple[list[float | None], float]:
+        """Scores on every task (or on the 0-based task indices `wanted`, None for the others) and the
+        seconds it took."""
         start = time.perf_counter()
-        scores = self.evaluator.evaluate_all(self.model, self.tasks, description)
+        chosen = list(range(len(self.tasks))) if wanted is None else sorted(wanted)
+        found = self.evaluator.evaluate_all(self.model, [self.tasks[j] for j in chosen], description)
+        scores: list[float | None] = [None] * len(self.tasks)
+        for j, value in zip(chosen, found, strict=True):
+            scores[j] = value
         return scores, time.perf_counter() - start
+
+    def tasks_to_evaluate(self, index: int) -> list[int] | None:
+        """After training task `index` (1-based): None (every task), or with `eval.matrix: metrics` the
+        0-based indices of the entries the metrics read, a[i][i] for BWT and a[i][i+1] for FWT (METHODS.md);
+        the last row is always complete (AP, BWT)."""
+        if self.config.eval.matrix == "full" or index == len(self.tasks):
+            return None
+        return [index - 1, index]
 
     def zero_shot(self) -> None:
         """The base model's scores b_j (for FWT). With a `zero_shot_cache` folder (every cell of a `loracl
@@ -298,14 +318,17 @@ class ContinualRun:
             raise RuntimeError(f"adapters differ across processes by {diff:.3g}: training diverged")
 
     def learn(self, index: int, task: Task) -> None:
-        """Train task `index` (1-based) through the method's hooks, then evaluate on every task.
+        """Train task `index` (1-based) through the method's hooks, then evaluate on every task (or, with
+        `eval.matrix: metrics`, on those `tasks_to_evaluate` names).
 
-        A method that does not train (`trains = False`) is evaluated once; the model never changes, so that
-        row stands for every later step."""
+        A method that does not train (`trains = False`) is evaluated once, on every task; the model never
+        changes, so that row stands for every later step."""
         T = len(self.tasks)
         ctx = self.context(index, task, f"{index}-{task.name}")
         stats = self.train(ctx, f"task {index}/{T} {task.name}") if self.method.trains else None
-        if self.method.trains or not self.results["matrix"]:
+        if self.method.trains:
+            scores, eval_seconds = self.evaluate_all(f"eval after {task.name}", self.tasks_to_evaluate(index))
+        elif not self.results["matrix"]:
             scores, eval_seconds = self.evaluate_all(f"eval after {task.name}")
         else:
             scores, eval_seconds = list(self.results["matrix"][-1]), 0.0
@@ -370,7 +393,7 @@ class ContinualRun:
         )
         say(
             f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
-            + " ".join(f"{t.name} {s:.1f}" for t, s in zip(self.tasks, scores, strict=True))
+            + " ".join(f"{t.name} {matrix_entry(s)}" for t, s in zip(self.tasks, scores, strict=True))
         )
         if distributed.is_main():
             write_json_atomic(self.results, self.run_dir / "results.json")
@@ -432,7 +455,7 @@ def zero_shot_key(config: RunConfig, tasks: list[Task]) -> str:
     relevant = {
         "model": config.model.model_dump(mode="json", exclude={"cache_dir"}),
         "benchmark": config.benchmark.model_dump(mode="json"),
-        "eval": config.eval.model_dump(mode="json"),
+        "eval": config.eval.model_dump(mode="json", exclude={"matrix"}),
         "max_length": config.train.max_length,
         "seed": config.train.seed,  # picks the capped examples
         "tasks": [(t.name, len(t.test)) for t in tasks],
