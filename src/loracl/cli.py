@@ -43,8 +43,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run",
         help="run a continual-learning sequence from a YAML config",
         description="Train on each task of a sequence in turn with a continual-learning method, evaluate on "
-        "every task after each one, and write a run directory (config.yaml, results.json, report.md, "
-        "matrix.png, adapter/, tasks/).",
+        "every task after each one (eval.matrix=metrics: only on those the metrics read), and write a run "
+        "directory (config.yaml, results.json, report.md, matrix.png, adapter/, tasks/).",
         epilog="Any config key can be set with --set, e.g. --set model.name=tiny-random-llama "
         "--set lora.r=16 --set benchmark.order=order2 --set method.merge=A_and_B",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +64,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --output after its last finished task (config: that run's config.yaml; "
-        "a config given again must match it)",
+        "a config given again must match it but in output_dir, model.cache_dir and eval.matrix)",
     )
     p.set_defaults(handler=_cmd_run)
 
