@@ -3,11 +3,13 @@
 Layout inside the run directory:
 
     checkpoint/
-      latest.json       {"format": "loracl-checkpoint", "version": 1, "directory": "task-002",
+      latest.json       {"format": "loracl-checkpoint", "version": 2, "directory": "task-002",
                          "finished": 2, "config_hash": ...}: the one complete checkpoint to resume from
       task-002/
-        state.pt        the PEFT configs and tensors of every adapter (and of any module a method attached
-                        beside them, e.g. GainLoRA's gates) and the method's state between tasks
+        state.pt        the PEFT configs (as plain dicts) and tensors of every adapter (and of any module a
+                        method attached beside them, e.g. GainLoRA's gates) and the method's state between
+                        tasks; read with torch.load(weights_only=True): tensors, plain containers and the
+                        few classes of STATE_CLASSES, never arbitrary objects
         results.json    the results so far (matrix rows, zero-shot scores, timings, per_task)
 
 No optimizer state: every task starts a fresh AdamW (loracl.training). A new `task-<k>/` is written under a
@@ -21,23 +23,31 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 
 from .errors import CheckpointError
 from .files import fsync_dir, write_durable, write_json_atomic, write_json_durable
+from .lora import LoraPair
+from .memory import ReservoirMemory
 from .methods import ContinualMethod
+from .text import Encoded
 
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"
 STATE = "state.pt"
 RESULTS = "results.json"
 FORMAT = "loracl-checkpoint"
+VERSION = 2  # 1: state.pt pickled whole (PEFT config objects included), read only with weights_only=False
+# The classes a method's state may hold besides tensors, numbers, strings and containers; anything else in a
+# checkpoint is refused on reading, so resuming a run directory from elsewhere cannot run code.
+STATE_CLASSES = (LoraPair, Encoded, ReservoirMemory, random.Random)
 
 
 @dataclass
@@ -57,6 +67,27 @@ def added_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("base_model.") or "lora_" in k}
 
 
+def plain_peft_config(config: PeftConfig) -> dict[str, Any]:
+    """A PEFT config as JSON types (sets as sorted lists, enums as strings): safe to load, and the same
+    config again through PeftConfig.from_peft_type."""
+    return json.loads(json.dumps(config.to_dict(), default=sorted))
+
+
+def _load_state(path: Path, device: torch.device, version: int) -> dict[str, Any]:
+    if version < 2:
+        # Written by an older loracl, which pickled PEFT config objects: only a full unpickler reads it.
+        # Such a checkpoint is a file a run of the user's own wrote into its run directory.
+        return torch.load(path, map_location=device, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(STATE_CLASSES)):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path.parent}: unreadable checkpoint (it holds objects other than tensors and loracl's state "
+            "classes; not loaded, as unpickling them could run code)"
+        ) from exc
+
+
 def _folder_name(finished: int) -> str:
     return f"task-{finished:03d}"
 
@@ -74,7 +105,7 @@ def save_checkpoint(
     target = root / _folder_name(finished)
     partial = root / f".{target.name}.partial"
     payload = {
-        "peft_configs": dict(model.peft_config),
+        "peft_configs": {name: plain_peft_config(config) for name, config in model.peft_config.items()},
         "tensors": added_state(model),
         "method": method.state_dict(),
     }
@@ -88,7 +119,7 @@ def save_checkpoint(
             shutil.rmtree(target)
         os.replace(partial, target)
         fsync_dir(root)
-        latest = {"format": FORMAT, "version": 1, "directory": target.name, "finished": finished}
+        latest = {"format": FORMAT, "version": VERSION, "directory": target.name, "finished": finished}
         write_json_atomic({**latest, "config_hash": digest}, root / LATEST)
         fsync_dir(root)
     except OSError as exc:
@@ -123,9 +154,7 @@ def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpo
     folder = root / str(latest.get("directory"))
     try:
         results = json.loads((folder / RESULTS).read_text(encoding="utf-8"))
-        # weights_only=False: method state holds plain Python objects (e.g. a replay memory and its random
-        # generators); a checkpoint is a file the run itself wrote into the user's own run directory.
-        state = torch.load(folder / STATE, map_location=device, weights_only=False)
+        state = _load_state(folder / STATE, device, int(latest.get("version", 1)))
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{folder}: unreadable checkpoint ({reason})") from exc
@@ -136,6 +165,8 @@ def restore_checkpoint(model: PeftModel, method: ContinualMethod, checkpoint: Ch
     """Bring a freshly prepared model and method to the state they had when `checkpoint` was written."""
     for name, adapter_config in checkpoint.state["peft_configs"].items():
         if name not in model.peft_config:  # adapters added by later tasks, in their original order
+            if isinstance(adapter_config, dict):  # version 2: plain dicts
+                adapter_config = PeftConfig.from_peft_type(**adapter_config)
             model.add_adapter(name, adapter_config)
     method.rebuild(model, checkpoint.finished)
     tensors = checkpoint.state["tensors"]

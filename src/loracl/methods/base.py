@@ -32,7 +32,8 @@ Attributes that change the shape of a run (the runner reads them; it never names
   that are not continual methods; results.json and the report label the run with it.
 
 Checkpoints (loracl.checkpoint) after every task save the model's adapters and the method's state between
-tasks: the instance attributes named in `state_attributes` (tensors, dicts, lists, any picklable object).
+tasks: the instance attributes named in `state_attributes`: tensors, numbers, strings, containers of
+them and the few classes of `checkpoint.STATE_CLASSES` (a checkpoint is read without running code).
 State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
 beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
 
