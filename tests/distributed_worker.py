@@ -1,15 +1,31 @@
 """Started by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU):
 one run per method through the real CLI, then `loracl eval` of the slao run, all in the same processes.
+With FULL_DISK_AT=k in the environment, the main process's k-th results.json write fails as on a full disk.
 
 usage: distributed_worker.py OUT_DIR CONFIG METHOD[,METHOD...] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
+from loracl import distributed, runner
 from loracl.cli import main
+
+
+def fill_the_disk_at(write: int) -> None:
+    real, calls = runner.write_json_atomic, []
+
+    def write_json_atomic(data, path):
+        calls.append(path)
+        if distributed.is_main() and len(calls) == write:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(data, path)
+
+    runner.write_json_atomic = write_json_atomic
 
 
 def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> int:
@@ -23,4 +39,6 @@ def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> in
 
 if __name__ == "__main__":
     out_dir, config_path, method_list, *extra = sys.argv[1:]
+    if "FULL_DISK_AT" in os.environ:
+        fill_the_disk_at(int(os.environ["FULL_DISK_AT"]))
     sys.exit(work(Path(out_dir), config_path, method_list.split(","), extra))

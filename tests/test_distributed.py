@@ -35,7 +35,9 @@ OVERRIDES = ["train.batch_size=3", "eval.batch_size=2"]
 LOSS_RTOL, ADAPTER_ATOL = 1e-4, 1e-5
 
 
-def launch_two_processes(out: Path) -> None:
+def launch_two_processes(
+    out: Path, methods: list[str] = METHODS, **env: str
+) -> subprocess.CompletedProcess[str]:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate's launcher is not installed")
@@ -44,20 +46,21 @@ def launch_two_processes(out: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even on a GPU machine
+        **env,
     }
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(ROOT / "tests" / "distributed_worker.py"), str(out), str(TINY), ",".join(METHODS), *OVERRIDES,
+        str(ROOT / "tests" / "distributed_worker.py"), str(out), str(TINY), ",".join(methods), *OVERRIDES,
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    launch_two_processes(root / "two")
+    done = launch_two_processes(root / "two")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for method in METHODS:
         run(load_config(TINY, [f"method.name={method}", *OVERRIDES]), root / "one" / method)
     assert main(["eval", str(root / "one" / "slao"), "--output", str(root / "one" / "eval.json")]) == 0
@@ -105,6 +108,18 @@ def test_evaluation_split_across_processes_is_gathered_exactly(runs):
     assert two["processes"] == 2
     assert two["predictions"] == one["predictions"] and two["scores"] == one["scores"]
     assert two["scores"] == results(runs[0] / "slao")["matrix"][-1]
+
+
+def test_a_failed_write_on_the_main_process_stops_every_process(tmp_path):
+    """Only the main process writes; when that fails (a full disk at task 2's results.json), the other one
+    must stop with it rather than wait forever at the next exchange."""
+    done = launch_two_processes(tmp_path, ["slao"], FULL_DISK_AT="2")  # times out if a process hangs
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("cannot write the files of task 2") == 2, output[-3000:]  # both processes
+    assert "No space left on device" in output and "checkpoint after task 1 is intact" in output
+    checkpoint = json.loads((tmp_path / "slao" / "checkpoint" / "latest.json").read_text())
+    assert checkpoint["finished"] == 1
 
 
 @pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])

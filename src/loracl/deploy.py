@@ -162,11 +162,13 @@ def evaluate(source: Source, output: Path, device: str | None = None) -> dict[st
         "loracl_version": __version__,
         "predictions": {t.name: o.predictions for t, o in zip(tasks, outcomes, strict=True)},
     }
-    if distributed.is_main():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(results, output)
-    distributed.barrier()
+    distributed.on_main(lambda: _write_results(results, output))
     return results
+
+
+def _write_results(results: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results, output)
 
 
 def read_prompts(path: Path) -> list[str]:

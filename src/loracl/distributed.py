@@ -124,15 +124,26 @@ def broadcast_object(obj: Any) -> Any:
     return holder[0]
 
 
+_alone_on_main = False  # inside on_main's action on the main process: nested on_main calls just run
+
+
 def on_main(action: Callable[[], T]) -> T:
-    """Run `action` on the main process only and hand its result (or its user error) to every process,
-    so that a refusal on the main process (e.g. a non-empty run directory) stops all of them alike."""
+    """Run `action` on the main process only and hand its result, its user error or its failed write
+    (OSError, e.g. a full disk) to every process, so that all of them stop alike instead of the others
+    waiting forever at their next exchange. Every process must call it; called again inside `action`
+    (say, an adapter saved while the main process exports), it simply runs there."""
+    global _alone_on_main
+    if _alone_on_main:
+        return action()
     outcome: tuple[bool, Any] = (True, None)
     if is_main():
+        _alone_on_main = True
         try:
             outcome = (True, action())
-        except LoraclError as exc:
+        except (LoraclError, OSError) as exc:
             outcome = (False, exc)
+        finally:
+            _alone_on_main = False
     ok, value = broadcast_object(outcome)
     if not ok:
         raise value

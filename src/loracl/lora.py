@@ -117,9 +117,11 @@ def read_adapter_state(directory: Path) -> LoraState:
 
 def save_adapter(model: PeftModel, directory: Path, adapter: str = DEFAULT_ADAPTER) -> None:
     """Save one adapter in stock PEFT format (adapter_config.json + adapter_model.safetensors); only the
-    main process writes (the others hold identical copies)."""
-    if not distributed.is_main():
-        return
+    main process writes (the others hold identical copies), and a failed write stops every process."""
+    distributed.on_main(lambda: _write_adapter(model, directory, adapter))
+
+
+def _write_adapter(model: PeftModel, directory: Path, adapter: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: the adapters never touch embeddings, and PEFT's "auto" check would
     # look the base model up on the Hub.

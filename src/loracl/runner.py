@@ -268,7 +268,10 @@ class ContinualRun:
                 scores, seconds = self.evaluate_all("zero-shot eval")
             source = f"{seconds:.0f} s"
             if cache and distributed.is_main():
-                write_zero_shot(cache, self.tasks, scores)
+                try:
+                    write_zero_shot(cache, self.tasks, scores)
+                except OSError as exc:  # only a saving for later runs: this one goes on
+                    say(f"note: could not cache the zero-shot scores in {cache} ({exc.strerror or exc})")
         self.results["zero_shot"] = scores
         self.results["zero_shot_from_cache"] = cached is not None
         self.results["timings"]["zero_shot_eval"] = seconds
@@ -395,9 +398,12 @@ class ContinualRun:
             f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
             + " ".join(f"{t.name} {matrix_entry(s)}" for t, s in zip(self.tasks, scores, strict=True))
         )
-        if distributed.is_main():
-            write_json_atomic(self.results, self.run_dir / "results.json")
-            self.checkpoint()
+        distributed.on_main(self.save_progress)
+
+    def save_progress(self) -> None:
+        """results.json and the checkpoint after the step just recorded (main process)."""
+        write_json_atomic(self.results, self.run_dir / "results.json")
+        self.checkpoint()
 
     def run_steps(self) -> None:
         """Zero-shot evaluation and every training step not finished yet (all of them on a fresh run)."""
@@ -433,20 +439,20 @@ class ContinualRun:
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
-        if distributed.is_main():
-            self.method.export(self.model, self.run_dir / "adapter")
+        distributed.on_main(lambda: self.method.export(self.model, self.run_dir / "adapter"))
         r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=not self.method.joint_training)
         t = r["timings"]
         t["train_total"] = sum(t["train"])
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
         t["wall"] = wall_seconds
         r["complete"] = True
-        if distributed.is_main():
-            write_report(r, self.run_dir / "report.md")
-            plot_matrix(r, self.run_dir / "matrix.png")
-            write_json_atomic(r, self.run_dir / "results.json")  # last: "complete" means every file is there
-        distributed.barrier()  # the other processes leave once the run directory is complete
+        distributed.on_main(lambda: self.write_outputs(r))  # the others leave once the directory is complete
         return r
+
+    def write_outputs(self, results: dict[str, Any]) -> None:
+        write_report(results, self.run_dir / "report.md")
+        plot_matrix(results, self.run_dir / "matrix.png")
+        write_json_atomic(results, self.run_dir / "results.json")  # last: "complete" means all is there
 
 
 def zero_shot_key(config: RunConfig, tasks: list[Task]) -> str:
