@@ -1,5 +1,6 @@
 """Started by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU):
-one run per method through the real CLI, then `loracl eval` of the slao run, all in the same processes.
+one run per method through the real CLI, then `loracl eval` and `loracl predict` of the first run, all in
+the same processes.
 With FULL_DISK_AT=k in the environment, the main process's k-th results.json write fails as on a full disk.
 
 usage: distributed_worker.py OUT_DIR CONFIG METHOD[,METHOD...] [KEY=VALUE ...]
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from loracl import distributed, runner
 from loracl.cli import main
+
+PROMPTS = [f"Predict-check {k}: is this review positive or negative? Answer:" for k in range(3)]
 
 
 def fill_the_disk_at(write: int) -> None:
@@ -34,7 +37,8 @@ def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> in
         code = main(["run", config, "--output", str(out / method), "--set", f"method.name={method}", *sets])
         if code:
             return code
-    return main(["eval", str(out / methods[0]), "--output", str(out / "eval.json")])
+    code = main(["eval", str(out / methods[0]), "--output", str(out / "eval.json")])
+    return code or main(["predict", str(out / methods[0]), *PROMPTS])
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     done = launch_two_processes(root / "two")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (root / "two.stdout").write_text(done.stdout)
     for method in METHODS:
         run(load_config(TINY, [f"method.name={method}", *OVERRIDES]), root / "one" / method)
     assert main(["eval", str(root / "one" / "slao"), "--output", str(root / "one" / "eval.json")]) == 0
@@ -120,6 +121,16 @@ def test_a_failed_write_on_the_main_process_stops_every_process(tmp_path):
     assert "No space left on device" in output and "checkpoint after task 1 is intact" in output
     checkpoint = json.loads((tmp_path / "slao" / "checkpoint" / "latest.json").read_text())
     assert checkpoint["finished"] == 1
+
+
+def test_predict_prints_each_answer_once(runs, capsys):
+    printed = (runs[1].parent / "two.stdout").read_text().splitlines()
+    together = [json.loads(line) for line in printed if line.startswith('{"prompt": "Predict-check')]
+    prompts = [item["prompt"] for item in together]
+    assert len(prompts) == len(set(prompts)) == 3  # the worker's three prompts, not once per process
+    assert main(["predict", str(runs[0] / METHODS[0]), *prompts]) == 0
+    alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert together == alone  # the same answers as one process gives
 
 
 @pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])

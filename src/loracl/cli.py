@@ -195,9 +195,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     prompts = list(args.prompt) + (read_prompts(Path(args.file)) if args.file else [])
     if not prompts:
         raise ConfigError("predict: give a prompt or --file prompts.jsonl")
+    from .distributed import is_main
+
     source = resolve_source(args.source, args.overrides, args.model)
-    for item in predict(source, prompts, args.max_new_tokens, args.device):
-        print(json.dumps(item, ensure_ascii=False))
+    answers = predict(source, prompts, args.max_new_tokens, args.device)
+    if is_main():  # every process holds all the answers: print them once
+        for item in answers:
+            print(json.dumps(item, ensure_ascii=False))
     return 0
 
 

@@ -195,7 +195,9 @@ def read_prompts(path: Path) -> list[str]:
 def predict(
     source: Source, prompts: list[str], max_new_tokens: int | None = None, device: str | None = None
 ) -> list[dict[str, str]]:
-    """Greedy generations of the final model, prompts formatted and truncated as in the run."""
+    """Greedy generations of the final model, prompts formatted and truncated as in the run. Launched with
+    several processes, the prompts are split among them and every process returns all the answers."""
+    distributed.init()
     model, loaded = load_final_model(source, device)
     evaluator = make_evaluator(source.config, loaded.tokenizer)
     budget = max_new_tokens or source.config.eval.max_new_tokens
