@@ -42,8 +42,8 @@ from .report import matrix_entry, matrix_table, metrics_line, plot_matrix, write
 from .text import PromptEncoder
 from .training import TrainStats, train_task
 
-# Keys that may change between a run and its resumption: they do not affect any result.
-# Keys a resumed run may change: they change no score. eval.matrix only picks which entries are evaluated.
+# Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
+# picks which entries of the accuracy matrix are evaluated, not what they score).
 HARMLESS_KEYS = ("output_dir", "model.cache_dir", "eval.matrix")
 
 
@@ -322,7 +322,7 @@ class ContinualRun:
 
     def learn(self, index: int, task: Task) -> None:
         """Train task `index` (1-based) through the method's hooks, then evaluate on every task (or, with
-        `eval.matrix: metrics`, on those `tasks_to_evaluate` names).
+        `eval.matrix: metrics`, on the tasks `tasks_to_evaluate` picks).
 
         A method that does not train (`trains = False`) is evaluated once, on every task; the model never
         changes, so that row stands for every later step."""
