@@ -29,10 +29,13 @@ BENCH_EPILOG = """examples:
       --output runs/bench-ablation --label "SLAO ablation"
   loracl bench configs/tiny.yaml --methods slao,seq_lora --orders agnews+yelp,yelp+agnews --max-train 8
   loracl bench configs/gpu.yaml --methods slao,seq_lora,olora,inflora,mtl --jobs 4
+  loracl bench configs/demo.yaml --methods slao,seq_lora --orders order4,order5,order6 \
+      --set eval.matrix=metrics --output runs/bench-long     # 15 tasks: 43 task evaluations, not 225
   loracl bench --report-only runs/bench
 
 Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A cell whose results.json is
-complete and holds the same resolved config is skipped, so rerunning the same command resumes the grid.
+complete and holds the same resolved config (up to output_dir, model.cache_dir and eval.matrix; a sparse
+matrix does not stand in for a full one) is skipped, so rerunning the same command resumes the grid.
 A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; the others still run and
 the exit status is 1. Options in the config's method section apply to every method; give one method its
 own with NAME:KEY=VALUE. The base model is evaluated once per order (scores cached in DIR/_zero_shot/)."""
