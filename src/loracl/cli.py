@@ -29,7 +29,7 @@ BENCH_EPILOG = """examples:
       --output runs/bench-ablation --label "SLAO ablation"
   loracl bench configs/tiny.yaml --methods slao,seq_lora --orders agnews+yelp,yelp+agnews --max-train 8
   loracl bench configs/gpu.yaml --methods slao,seq_lora,olora,inflora,mtl --jobs 4
-  loracl bench configs/demo.yaml --methods slao,seq_lora --orders order4,order5,order6 \
+  loracl bench configs/demo.yaml --methods slao,seq_lora --orders order4,order5,order6 \\
       --set eval.matrix=metrics --output runs/bench-long     # 15 tasks: 43 task evaluations, not 225
   loracl bench --report-only runs/bench
 
