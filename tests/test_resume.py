@@ -259,12 +259,20 @@ def test_resume_refusals(reference: Path, tmp_path: Path, capsys: pytest.Capture
     assert "already complete" in capsys.readouterr().out
 
 
-def test_resume_may_change_a_harmless_key(reference: Path, tmp_path: Path) -> None:
-    """eval.matrix picks which entries are evaluated, not what they score: a run may finish with another."""
-    out = tmp_path / "switched"
+def crashed_in_task_2(out: Path, *patches: tuple[object, str, object]) -> Path:
+    """A slao run in `out` that crashed in the middle of task 2 (its checkpoint: after task 1), with
+    `(target, name, value)` patches in force while it ran."""
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):
         fail_in_task(patch, 2, crash)
+        for target, name, value in patches:
+            patch.setattr(target, name, value)
         run(small_config(), out)
+    return out
+
+
+def test_resume_may_change_a_harmless_key(reference: Path, tmp_path: Path) -> None:
+    """eval.matrix picks which entries are evaluated, not what they score: a run may finish with another."""
+    out = crashed_in_task_2(tmp_path / "switched")
     sparse = load_config(TINY, [*SMALL, "method.name=slao", "eval.matrix=metrics"])
     run(sparse, out, resume=True)
     results = json.loads((out / "results.json").read_text())
@@ -285,10 +293,7 @@ class Planted:
 def test_a_checkpoint_holding_other_objects_is_refused(
     reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "hostile"
-    with monkeypatch.context() as patch, pytest.raises(SimulatedCrash):
-        fail_in_task(patch, 2, crash)
-        run(small_config(), out)
+    out = crashed_in_task_2(tmp_path / "hostile")
     state_path = out / "checkpoint" / "task-001" / "state.pt"
     state = torch.load(state_path, weights_only=False)
     torch.save({**state, "method": {**state["method"], "finetuned": Planted()}}, state_path)
@@ -298,26 +303,20 @@ def test_a_checkpoint_holding_other_objects_is_refused(
     assert not (tmp_path / "planted-by-checkpoint").exists()
 
 
-def test_a_version_1_checkpoint_still_resumes(
-    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_version_1_checkpoint_still_resumes(reference: Path, tmp_path: Path) -> None:
     """Version 1 pickled the PEFT config objects; runs interrupted before version 2 still continue."""
-    out = tmp_path / "v1"
-    with monkeypatch.context() as patch, pytest.raises(SimulatedCrash):
-        fail_in_task(patch, 2, crash)
-        patch.setattr(loracl.checkpoint, "plain_peft_config", lambda config: config)
-        patch.setattr(loracl.checkpoint, "VERSION", 1)
-        run(small_config(), out)
+    out = crashed_in_task_2(
+        tmp_path / "v1",
+        (loracl.checkpoint, "plain_peft_config", lambda config: config),
+        (loracl.checkpoint, "VERSION", 1),
+    )
     assert json.loads((out / "checkpoint" / "latest.json").read_text())["version"] == 1
     run(None, out, resume=True)
     assert_same_outcome(outcome(reference), outcome(out))
 
 
 def test_edited_config_or_damaged_checkpoint_is_refused(reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "edited"
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):
-        fail_in_task(patch, 2, crash)
-        run(small_config(), out)
+    out = crashed_in_task_2(tmp_path / "edited")
     config_yaml = out / "config.yaml"
     original = config_yaml.read_text()
     config_yaml.write_text(original.replace("seed: 0", "seed: 1"))
