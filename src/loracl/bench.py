@@ -33,6 +33,7 @@ from .config import RunConfig, build_config, load_config_data
 from .data import ORDERS
 from .errors import ConfigError, RunInterrupted
 from .methods import create_method, method_class
+from .metrics import is_complete
 from .report import setup_line
 
 # The only numbers the reference gives (METHODS.md, SLAO section, quoting Qiao & Mahdavi, ICLR 2026,
@@ -186,8 +187,7 @@ def made_with(results: dict[str, Any], config: RunConfig) -> bool:
         return False
     if runner.result_relevant_config(done) != runner.result_relevant_config(config):
         return False
-    full_matrix = all(v is not None for row in results.get("matrix", []) for v in row)
-    return config.eval.matrix == "metrics" or full_matrix
+    return config.eval.matrix == "metrics" or is_complete(results.get("matrix", []))
 
 
 def is_finished(path: Path, config: RunConfig) -> bool:

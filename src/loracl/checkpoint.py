@@ -74,18 +74,22 @@ def plain_peft_config(config: PeftConfig) -> dict[str, Any]:
 
 
 def _load_state(path: Path, device: torch.device, version: int) -> dict[str, Any]:
+    """state.pt as save_checkpoint wrote it, with PEFT config objects (whatever the version)."""
     if version < 2:
         # Written by an older loracl, which pickled PEFT config objects: only a full unpickler reads it.
         # Such a checkpoint is a file a run of the user's own wrote into its run directory.
         return torch.load(path, map_location=device, weights_only=False)
     try:
         with torch.serialization.safe_globals(list(STATE_CLASSES)):
-            return torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path.parent}: unreadable checkpoint (it holds objects other than tensors and loracl's state "
             "classes; not loaded, as unpickling them could run code)"
         ) from exc
+    configs = state["peft_configs"]
+    state["peft_configs"] = {name: PeftConfig.from_peft_type(**plain) for name, plain in configs.items()}
+    return state
 
 
 def _folder_name(finished: int) -> str:
@@ -155,7 +159,7 @@ def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpo
     try:
         results = json.loads((folder / RESULTS).read_text(encoding="utf-8"))
         state = _load_state(folder / STATE, device, int(latest.get("version", 1)))
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{folder}: unreadable checkpoint ({reason})") from exc
     return Checkpoint(int(latest["finished"]), results, state)
@@ -165,8 +169,6 @@ def restore_checkpoint(model: PeftModel, method: ContinualMethod, checkpoint: Ch
     """Bring a freshly prepared model and method to the state they had when `checkpoint` was written."""
     for name, adapter_config in checkpoint.state["peft_configs"].items():
         if name not in model.peft_config:  # adapters added by later tasks, in their original order
-            if isinstance(adapter_config, dict):  # version 2: plain dicts
-                adapter_config = PeftConfig.from_peft_type(**adapter_config)
             model.add_adapter(name, adapter_config)
     method.rebuild(model, checkpoint.finished)
     tensors = checkpoint.state["tensors"]

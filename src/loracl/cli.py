@@ -193,13 +193,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .deploy import predict, read_prompts, resolve_source
+    from .distributed import is_main
     from .errors import ConfigError
 
     prompts = list(args.prompt) + (read_prompts(Path(args.file)) if args.file else [])
     if not prompts:
         raise ConfigError("predict: give a prompt or --file prompts.jsonl")
-    from .distributed import is_main
-
     source = resolve_source(args.source, args.overrides, args.model)
     answers = predict(source, prompts, args.max_new_tokens, args.device)
     if is_main():  # every process holds all the answers: print them once

@@ -12,6 +12,11 @@ from collections.abc import Sequence
 Matrix = Sequence[Sequence[float | None]]
 
 
+def is_complete(matrix: Matrix) -> bool:
+    """Every entry evaluated (`eval.matrix: full`, or a run too short to leave any out)."""
+    return all(v is not None for row in matrix for v in row)
+
+
 def _mean(values: list[float | None]) -> float | None:
     """Mean of `values`, or None when any is missing."""
     if any(v is None for v in values):

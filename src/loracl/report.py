@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .metrics import is_complete
+
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
@@ -39,7 +41,7 @@ MATRIX_ROWS = {
 
 
 def sparse_note(results: dict[str, Any]) -> str:
-    if not any(v is None for row in results["matrix"] for v in row):
+    if is_complete(results["matrix"]):
         return ""
     return (
         " Entries shown – were not evaluated: `eval.matrix: metrics` evaluates only those AP, BWT and FWT "
