@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from loracl.errors import ModelError
-from loracl.models import byte_tokenizer, load_model, resolve_device, resolve_dtype, smollm2_gguf_path
+from loracl.models import (
+    _publish_conversion,
+    byte_tokenizer,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    smollm2_gguf_path,
+)
 
 
 def test_tiny_model_is_deterministic():
@@ -39,6 +46,25 @@ def test_missing_model_and_gguf_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "no-such-model"), device="cpu")
     with pytest.raises(ModelError, match="GGUF file not found"):
         load_model(str(tmp_path / "missing.gguf"), device="cpu")
+
+
+def test_parallel_conversion_keeps_the_first_finished_copy(tmp_path):
+    """Two bench jobs converting the GGUF at once: the loser's rename must not fail the run."""
+    target = tmp_path / "model"
+    first, second = tmp_path / "model.a", tmp_path / "model.b"
+    for folder, tag in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text(tag)
+    _publish_conversion(first, target)
+    _publish_conversion(second, target)
+    assert (target / "config.json").read_text() == "first"
+    # A folder in the way that is not a finished conversion is still an error.
+    junk, third = tmp_path / "junk", tmp_path / "model.c"
+    (junk / "stray").mkdir(parents=True)
+    third.mkdir()
+    (third / "config.json").write_text("third")
+    with pytest.raises(OSError):
+        _publish_conversion(third, junk)
 
 
 def test_embedded_gguf_is_found():

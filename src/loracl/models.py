@@ -94,9 +94,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        _publish_conversion(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_conversion(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion into place. Parallel runs (`loracl bench --jobs`) may convert at the
+    same time: the first rename wins and a later one finds the folder already there, which is then used."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
 
 
 def cached_gguf_dir(gguf: Path, cache_dir: str | None) -> Path:
