@@ -3,6 +3,7 @@ end-to-end runs through loracl.runner.run, and the exported adapter/ reloaded th
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,23 @@ def test_finished_tasks_never_require_grad(method_name, tmp_path):
         bank = method.bank(model)
         assert not any(p.requires_grad for p in [*bank.mlps[0].parameters(), bank.keys[0]])
         assert all(p.requires_grad for p in [*bank.mlps[1].parameters(), bank.keys[1]])
+
+
+@pytest.mark.parametrize("method_name", ["gpm", "inflora"])
+def test_a_full_input_basis_is_reported_and_warned_about(tmp_path, method_name):
+    # At threshold 1 the energy rule keeps every direction the task's inputs span; with enough tokens that
+    # is the whole input space, as on a long task sequence where the default threshold reaches 1.
+    opts = {"threshold": 1.0, "threshold_step": 0.0, "max_examples": 8}
+    config, method, model, (ctx1, ctx2) = setup(method_name, opts, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no basis yet: nothing to warn about before task 1
+        method.before_task(model, ctx1)
+    train_task(model, method, ctx1.encoded, config.train, ctx1.pad_id, seed=1)
+    method.after_task(model, ctx1)
+    info = method.task_info()
+    dims = [M.shape[1] for M in method.bases.values()]
+    assert info["input_dim"] == method.bases[LAYER0].shape[0]
+    assert info["basis_dims_mean"] == pytest.approx(sum(dims) / len(dims), abs=0.05)
+    assert info["layers_full"] == sum(k == info["input_dim"] for k in dims) > 0
+    with pytest.warns(UserWarning, match=rf"{method_name}, task 2: in \d+ of \d+ layers"):
+        method.before_task(model, ctx2)

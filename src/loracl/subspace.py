@@ -11,8 +11,10 @@ P G P with P = I - M M^T.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -77,6 +79,37 @@ def collect_input_grams(
         if name not in grams:
             grams[name] = torch.zeros(module.in_features, module.in_features, device=device)
     return grams
+
+
+def basis_info(bases: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """How much of the input space the bases protect after a task (results.json `method_info`)."""
+    if not bases:
+        return {}
+    dims = [M.shape[1] for M in bases.values()]
+    n = next(iter(bases.values())).shape[0]
+    return {
+        "basis_dims_mean": round(sum(dims) / len(dims), 1),
+        "input_dim": n,
+        "layers_full": sum(k >= n for k in dims),
+    }
+
+
+def warn_few_free_directions(
+    method: str, task_index: int, bases: dict[str, torch.Tensor], needed: int, consequence: str
+) -> None:
+    """Warn when old tasks' bases leave fewer than `needed` free input directions in some layer.
+
+    The threshold rises by `threshold_step` per task and is capped at 1; at 1 (task 11 with the defaults)
+    the energy rule keeps every direction with any energy, so on a small model (n = 576 for SmolLM2-135M)
+    the bases fill the whole input space within a 15-task sequence."""
+    short = sum(M.shape[0] - M.shape[1] < needed for M in bases.values())
+    if short:
+        warnings.warn(
+            f"{method}, task {task_index}: in {short} of {len(bases)} layers the old tasks' input basis "
+            f"leaves fewer than {needed} free direction(s): {consequence}. For long task sequences lower "
+            f"the threshold's rise, e.g. --methods {method}:threshold_step=0.001",
+            stacklevel=2,
+        )
 
 
 def vector_gram(vectors: torch.Tensor) -> torch.Tensor:

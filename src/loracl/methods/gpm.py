@@ -13,12 +13,22 @@ of the task.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import PeftModel
 
 from ..context import TaskContext
 from ..lora import lora_layers
-from ..subspace import basis_nbytes, collect_input_grams, gpm_threshold, gpm_update, project_off
+from ..subspace import (
+    basis_info,
+    basis_nbytes,
+    collect_input_grams,
+    gpm_threshold,
+    gpm_update,
+    project_off,
+    warn_few_free_directions,
+)
 from .base import ContinualMethod, register
 from .inflora import SubspaceOptions
 
@@ -48,6 +58,9 @@ class GPM(ContinualMethod):
                 yield name, layer.lora_A["default"].weight, self.bases[name]
 
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
+        warn_few_free_directions(
+            self.name, ctx.index, self.bases, 1, "A's gradient is projected to zero there, only B learns"
+        )
         self.start = {name: A.detach().clone() for name, A, _ in self.protected(model)}
 
     @torch.no_grad()
@@ -68,6 +81,9 @@ class GPM(ContinualMethod):
         eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
         for name, gram in grams.items():
             self.bases[name] = gpm_update(self.bases.get(name), gram, eps)
+
+    def task_info(self) -> dict[str, Any]:
+        return basis_info(self.bases)
 
     def state_bytes(self) -> int:
         return basis_nbytes(self.bases)

@@ -9,6 +9,8 @@ Per adapted layer keep an orthonormal basis M (n x k) of the input subspace of p
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import PeftModel
 
@@ -17,11 +19,13 @@ from ..multi_lora import layer_map, task_adapter
 from ..subspace import (
     GPM_THRESHOLD,
     GPM_THRESHOLD_STEP,
+    basis_info,
     basis_nbytes,
     collect_input_grams,
     complement_directions,
     gpm_threshold,
     gpm_update,
+    warn_few_free_directions,
 )
 from .base import MethodOptions, register
 from .inc_lora import IncLoRA
@@ -62,6 +66,10 @@ class InfLoRA(IncLoRA):
         """A_i from the complement of M; B_i = 0; A_i frozen."""
         current = task_adapter(ctx.index)
         grams = self.input_grams(model, ctx, current)
+        warn_few_free_directions(
+            self.name, ctx.index, self.bases, self.lora.r,
+            "A_i's remaining rows lie inside their span, so the new branch changes old tasks' outputs",
+        )
         for name, layer in layer_map(model, current).items():
             A, B = layer.lora_A[current].weight, layer.lora_B[current].weight
             A.copy_(complement_directions(self.bases.get(name), grams[name], A.shape[0]).to(A))
@@ -77,6 +85,9 @@ class InfLoRA(IncLoRA):
         eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
         for name, gram in grams.items():
             self.bases[name] = gpm_update(self.bases.get(name), gram, eps)
+
+    def task_info(self) -> dict[str, Any]:
+        return basis_info(self.bases)
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         self.extend_bases(model, ctx)
