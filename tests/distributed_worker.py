@@ -2,16 +2,20 @@
 one run per method through the real CLI, then `loracl eval` and `loracl predict` of the first run, all in
 the same processes.
 With FULL_DISK_AT=k in the environment, the main process's k-th results.json write fails as on a full disk.
+At exit each process prints whether its process group was already destroyed (loracl's own exit handler).
 
 usage: distributed_worker.py OUT_DIR CONFIG METHOD[,METHOD...] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from loracl import distributed, runner
 from loracl.cli import main
@@ -31,6 +35,11 @@ def fill_the_disk_at(write: int) -> None:
     runner.write_json_atomic = write_json_atomic
 
 
+def report_process_group_at_exit() -> None:
+    # Registered before loracl joins the group, so it runs after loracl's handler (atexit is LIFO).
+    atexit.register(lambda: print(f"process group left before exit: {not dist.is_initialized()}", flush=True))
+
+
 def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> int:
     sets = [arg for item in overrides for arg in ("--set", item)]
     for method in methods:
@@ -43,6 +52,7 @@ def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> in
 
 if __name__ == "__main__":
     out_dir, config_path, method_list, *extra = sys.argv[1:]
+    report_process_group_at_exit()
     if "FULL_DISK_AT" in os.environ:
         fill_the_disk_at(int(os.environ["FULL_DISK_AT"]))
     sys.exit(work(Path(out_dir), config_path, method_list.split(","), extra))

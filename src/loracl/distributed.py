@@ -10,6 +10,7 @@ NCCL on GPUs), whose launcher also sets the environment variables read here.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -49,6 +50,15 @@ def init() -> None:
         state = PartialState()
         if state.device.type == "cuda":
             torch.cuda.set_device(state.device)  # "cuda" now means this process's GPU
+        atexit.register(leave)
+
+
+def leave() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to interpreter shutdown, gloo's
+    worker threads can outlive the objects they hold and the process dies with SIGABRT ("terminate called
+    without an active exception") after all its work is done, which fails the launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
