@@ -12,6 +12,7 @@ from loracl.methods.olora import l2_penalty, olora_loss, orthogonality_penalty
 from loracl.models import tiny_random_llama
 from loracl.multi_lora import activate_all, add_task_adapter, task_adapter
 from loracl.subspace import (
+    basis_info,
     collect_input_grams,
     complement_directions,
     gpm_threshold,
@@ -148,3 +149,10 @@ def test_only_the_current_adapter_is_trainable():
     assert names and all(".task2." in n for n in names)
     assert any(".task1." in n for n, _ in model.named_parameters())
     assert set(model.base_model.active_adapters) == {"task1", "task2"}
+
+
+def test_basis_info_judges_each_layer_against_its_own_input_size():
+    # q_proj-like layers (n = 4) and a down_proj-like layer (n = 6): a 4-dim basis fills only the former.
+    bases = {"q": torch.eye(4), "v": torch.eye(4)[:, :2], "down": torch.eye(6)[:, :4]}
+    assert basis_info(bases) == {"basis_dims_mean": 3.3, "input_dim": 6, "layers_full": 1}
+    assert basis_info({}) == {}

@@ -82,15 +82,15 @@ def collect_input_grams(
 
 
 def basis_info(bases: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """How much of the input space the bases protect after a task (results.json `method_info`)."""
+    """How much of the input space the bases protect after a task (results.json `method_info`).
+    `input_dim` is the largest layer input size; a layer is full when its basis spans its own input space."""
     if not bases:
         return {}
     dims = [M.shape[1] for M in bases.values()]
-    n = next(iter(bases.values())).shape[0]
     return {
         "basis_dims_mean": round(sum(dims) / len(dims), 1),
-        "input_dim": n,
-        "layers_full": sum(k >= n for k in dims),
+        "input_dim": max(M.shape[0] for M in bases.values()),
+        "layers_full": sum(M.shape[1] >= M.shape[0] for M in bases.values()),
     }
 
 
