@@ -31,8 +31,8 @@ from cost_common import (
 
 from loracl.config import build_config
 from loracl.methods import create_method
-from loracl.models import TINY, resolve_device
-from loracl.runner import ContinualRun
+from loracl.models.base_model import TINY, resolve_device
+from loracl.recipes.run import ContinualRun
 
 METHODS = ("slao", "inc_lora", "olora", "inflora", "gainlora")
 CHECKPOINTS = {"quick": (1, 3, 5), "full": (1, 5, 15, 50)}

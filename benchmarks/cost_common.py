@@ -21,13 +21,13 @@ import torch
 from transformers import set_seed
 
 from loracl.config import LoraSection, TrainSection
-from loracl.context import TaskContext
 from loracl.data import EXACT_MATCH, Example, Task, load_benchmark
+from loracl.data.text import Encoded, PromptEncoder
+from loracl.engine.training import train_task
 from loracl.errors import LoraclError
 from loracl.methods import ContinualMethod
-from loracl.models import SMOLLM2, LoadedModel, load_model
-from loracl.text import Encoded, PromptEncoder
-from loracl.training import train_task
+from loracl.methods.context import TaskContext
+from loracl.models.base_model import SMOLLM2, LoadedModel, load_model
 
 FIGURES_HEADER = "== figures =="
 DEFAULT_ORDER = "order1"  # the real tasks whose prompts the timing benchmarks train on

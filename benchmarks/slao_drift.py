@@ -26,8 +26,8 @@ import torch
 from cost_common import print_figures, run_main
 
 from loracl.errors import ConfigError
-from loracl.lora import LoraPair, LoraState, read_adapter_state
 from loracl.methods.slao import basis_coefficients, orthonormal_row_basis
+from loracl.models.lora import LoraPair, LoraState, read_adapter_state
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:

@@ -36,9 +36,9 @@ from cost_common import (
 )
 
 from loracl.config import TrainSection
-from loracl.lora import LoraPair, LoraState, get_lora_state, set_lora_state
 from loracl.methods import create_method
 from loracl.methods.slao import SLAO, orthogonal_init
+from loracl.models.lora import LoraPair, LoraState, get_lora_state, set_lora_state
 
 # sequence lengths T, timed sequences, hook repeats, measured step (batch size, max length, steps, passes)
 SIZES = {

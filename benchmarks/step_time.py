@@ -2,7 +2,8 @@
 
 SLAO trains an ordinary LoRA: its per-task work (init, merge) happens outside the steps, so a step should
 cost what a plain PEFT LoRA step costs (target ratio <= 1.02). Measured:
-  - slao: `loracl.training.train_task` with the registered `slao` method at task 2 (after its orthogonal
+  - slao: `loracl.engine.training.train_task` with the registered `slao` method at task 2 (after its
+  orthogonal
     init), i.e. the real loop with its hooks, bucketing, clipping and scheduler;
   - peft: `get_peft_model` + torch AdamW, forward with `labels=` (Hugging Face's causal-LM loss over all
     logits), backward, step, on the very batches train_task draws (same seed, same collation);
@@ -36,10 +37,10 @@ from cost_common import (
 from peft import get_peft_model
 
 from loracl.config import TrainSection
-from loracl.lora import peft_config
+from loracl.data.text import Encoded
+from loracl.engine.training import answer_loss, collate, length_bucketed_batches
 from loracl.methods import create_method
-from loracl.text import Encoded
-from loracl.training import answer_loss, collate, length_bucketed_batches
+from loracl.models.lora import peft_config
 
 SIZES = {  # batch size, max length, steps per pass, timed passes
     "quick": (1, 32, 2, 1),

@@ -4,12 +4,13 @@ The baseline is a plain Hugging Face `Trainer` + PEFT fine-tune; merged means `m
 
 Training, on the same tokens (real prompts of the Standard CL order 1, encoded once by loracl's
 PromptEncoder, so the truncation is identical), model, LoRA, batch size, learning rate and max length:
-  - loracl: `loracl.training.train_task` with the `slao` method (task 1: a plain LoRA), which buckets
+  - loracl: `loracl.engine.training.train_task` with the `slao` method (task 1: a plain LoRA), which buckets
     examples by length and applies the LM head to the answer tokens only;
   - Trainer: `transformers.Trainer` on a `get_peft_model` LoRA, its default random batches, padded per batch
     by the stock `DataCollatorForSeq2Seq` (labels padded with -100, prompt tokens -100 as in loracl).
 Throughput = non-padding tokens / wall seconds of the training call, one untimed warm-up each, medians over
-passes. Evaluation: `loracl.evaluation.Evaluator` (batched greedy generation) on the test prompts, examples
+passes. Evaluation: `loracl.engine.evaluation.Evaluator` (batched greedy generation) on the test
+prompts, examples
 per second, with the PEFT model as is (unmerged) and after `merge_adapter()`.
 """
 
@@ -41,12 +42,12 @@ from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from loracl.config import TrainSection
-from loracl.evaluation import Evaluator
-from loracl.lora import peft_config
+from loracl.data.text import Encoded, PromptEncoder
+from loracl.engine.evaluation import Evaluator
+from loracl.engine.training import IGNORE, length_bucketed_batches, train_task
 from loracl.methods import create_method
-from loracl.models import LoadedModel
-from loracl.text import Encoded, PromptEncoder
-from loracl.training import IGNORE, length_bucketed_batches, train_task
+from loracl.models.base_model import LoadedModel
+from loracl.models.lora import peft_config
 
 SIZES = {  # train examples per task, batch size, max length, timed passes, test examples per task
     "quick": (1, 2, 48, 1, 1),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from loracl import distributed, runner
 from loracl.cli import main
+from loracl.engine import distributed
+from loracl.recipes import run as runner
 
 PROMPTS = [f"Predict-check {k}: is this review positive or negative? Answer:" for k in range(3)]
 

@@ -1,5 +1,6 @@
 """IncLoRA, O-LoRA, InfLoRA, GPM and GainLoRA on the tiny random Llama: protection properties, the gates,
-end-to-end runs through loracl.runner.run, and the exported adapter/ reloaded through loracl.loading."""
+end-to-end runs through loracl.recipes.run.run, and the exported adapter/ reloaded through
+loracl.outputs.loading."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracl import runner
 from loracl.config import load_config
-from loracl.context import TaskContext
-from loracl.evaluation import Evaluator
-from loracl.loading import load_adapter
-from loracl.lora import lora_layers
+from loracl.data import load_tasks
+from loracl.data.text import PromptEncoder
+from loracl.engine.evaluation import Evaluator
+from loracl.engine.training import train_task
 from loracl.methods import create_method
+from loracl.methods.context import TaskContext
 from loracl.methods.gainlora import GateBank, gate_value, masked_mean
-from loracl.models import tiny_random_llama
-from loracl.subspace import collect_input_grams
-from loracl.text import PromptEncoder
-from loracl.training import train_task
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import lora_layers
+from loracl.models.subspace import collect_input_grams
+from loracl.outputs.loading import load_adapter
+from loracl.recipes import run as runner
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -30,7 +32,7 @@ LAYER0 = "base_model.model.model.layers.0.self_attn.q_proj"  # its inputs do not
 
 def setup(method_name: str, options: dict, tmp_path: Path):
     config = load_config(TINY, SHORT)
-    tasks = runner.load_tasks(config)
+    tasks = load_tasks(config)
     base, tokenizer = tiny_random_llama()
     method = create_method(method_name, options, config.lora)
     model = method.prepare_model(base)
@@ -153,7 +155,7 @@ METHODS = ["inc_lora", "olora", "inflora", "gpm", "gainlora"]
 
 @pytest.fixture(scope="module", params=METHODS)
 def finished(request, tmp_path_factory):
-    """A 2-task run through loracl.runner.run, with the in-memory model kept for comparison."""
+    """A 2-task run through loracl.recipes.run.run, with the in-memory model kept for comparison."""
     kept = {}
     original = runner.ContinualRun.finish
 
@@ -205,7 +207,7 @@ def test_exported_adapter_loads_and_reproduces_the_run(finished):
     loaded = load_adapter(out / "adapter", base)
     assert not any(p.requires_grad for p in loaded.parameters())
     encoder = PromptEncoder(tokenizer, config.train.max_length)
-    tasks = runner.load_tasks(config)
+    tasks = load_tasks(config)
     prompts = [encoder.prompt_ids(ex.prompt)[0] for ex in tasks[0].test[:3]]
     *_, expected = generation_logits(model, tokenizer, prompts)
     *_, got = generation_logits(loaded, tokenizer, prompts)

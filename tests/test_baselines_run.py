@@ -1,4 +1,5 @@
-"""One tiny end-to-end run per baseline of issue 4 through loracl.runner.run, and what each leaves behind."""
+"""One tiny end-to-end run per baseline of issue 4 through loracl.recipes.run.run, and what each leaves
+behind."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import torch
 from peft import PeftModel
 
 from loracl.config import load_config
-from loracl.context import TaskContext
 from loracl.data import Task
-from loracl.lora import LoraPair, get_lora_state, lora_layers, read_adapter_state
-from loracl.merging import truncate_to_lora
 from loracl.methods import create_method, method_class
+from loracl.methods.context import TaskContext
 from loracl.methods.merging_base import MERGED_ADAPTER
-from loracl.models import tiny_random_llama
-from loracl.runner import run
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import LoraPair, get_lora_state, lora_layers, read_adapter_state
+from loracl.models.merging import truncate_to_lora
+from loracl.recipes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracl import bench, runner
-from loracl.bench import aggregate, parse_method, parse_order, write_bench_report
 from loracl.cli import main
 from loracl.config import build_config
 from loracl.data import Task
 from loracl.errors import ConfigError
+from loracl.recipes import bench
+from loracl.recipes import run as runner
+from loracl.recipes.bench import aggregate, parse_method, parse_order, write_bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from loracl.errors import LoraclError
-from loracl.lora import LoraPair
 from loracl.methods.slao import orthogonal_init, orthonormal_row_basis
+from loracl.models.lora import LoraPair
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_CPU = ["--model", "tiny-random-llama", "--device", "cpu"]
@@ -148,7 +148,7 @@ def test_padding_fraction_and_random_batches():
 
 
 def test_trainer_features_mask_the_prompt():
-    from loracl.text import Encoded
+    from loracl.data.text import Encoded
 
     encoded = Encoded([5, 6, 7, 8], prompt_len=3, truncated=False)
     assert script("throughput").trainer_features([encoded]) == [
@@ -211,7 +211,7 @@ def test_slao_drift_on_known_factors():
 
 def test_slao_drift_reads_a_run(tmp_path, capsys):
     from loracl.config import load_config
-    from loracl.runner import run
+    from loracl.recipes.run import run
 
     overrides = ["benchmark.max_train=4", "benchmark.max_test=2", "train.max_length=64"]
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

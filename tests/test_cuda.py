@@ -13,12 +13,12 @@ import torch
 from peft import PeftModel
 
 from loracl.config import load_config
-from loracl.deploy import export, predict, resolve_source
-from loracl.lora import LoraPair
 from loracl.methods import available_methods
 from loracl.methods.slao import interpolate, merge_weight, orthogonal_init
-from loracl.models import tiny_random_llama
-from loracl.runner import run
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import LoraPair
+from loracl.outputs.deploy import export, predict, resolve_source
+from loracl.recipes.run import run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

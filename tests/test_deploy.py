@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from loracl.cli import main
 from loracl.config import load_config
-from loracl.models import tiny_random_llama
-from loracl.runner import prepare_run
+from loracl.models.base_model import tiny_random_llama
+from loracl.recipes.run import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -16,15 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracl import distributed
 from loracl.cli import main
 from loracl.config import load_config
+from loracl.data import load_tasks
+from loracl.data.text import PromptEncoder
+from loracl.engine import distributed
+from loracl.engine.training import answer_loss, answer_tokens, collate, share_loss
 from loracl.errors import ConfigError
 from loracl.methods import create_method
-from loracl.models import tiny_random_llama
-from loracl.runner import load_tasks, run
-from loracl.text import PromptEncoder
-from loracl.training import answer_loss, answer_tokens, collate, share_loss
+from loracl.models.base_model import tiny_random_llama
+from loracl.recipes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

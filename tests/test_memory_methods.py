@@ -11,15 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loracl.config import LoraSection
-from loracl.context import TaskContext
 from loracl.data import Example, Task
-from loracl.memory import ReservoirMemory
+from loracl.data.text import Encoded, PromptEncoder
+from loracl.engine.training import answer_loss, collate
 from loracl.methods import create_method
 from loracl.methods.agem import agem_project
+from loracl.methods.context import TaskContext
 from loracl.methods.ewc import diagonal_fisher, ewc_penalty
-from loracl.models import tiny_random_llama
-from loracl.text import Encoded, PromptEncoder
-from loracl.training import answer_loss, collate
+from loracl.methods.memory import ReservoirMemory
+from loracl.models.base_model import tiny_random_llama
 
 LORA = LoraSection(r=2, alpha=4)
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loracl.config import LoraSection
-from loracl.lora import LoraPair, get_lora_state, lora_layers, set_lora_state
-from loracl.merging import max_magnitude, task_vector, truncate_to_lora
 from loracl.methods import create_method
-from loracl.models import tiny_random_llama
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import LoraPair, get_lora_state, lora_layers, set_lora_state
+from loracl.models.merging import max_magnitude, task_vector, truncate_to_lora
 
 LORA = LoraSection(r=2, alpha=4)
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from loracl.evaluation import exact_match, normalize, rouge_l
-from loracl.metrics import all_metrics, average_performance, backward_transfer, forgetting, forward_transfer
+from loracl.engine.evaluation import exact_match, normalize, rouge_l
+from loracl.engine.metrics import (
+    all_metrics,
+    average_performance,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+)
 
 # a[i][j]: score on task j after training task i (T = 3)
 MATRIX = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loracl.errors import ModelError
-from loracl.models import (
+from loracl.models.base_model import (
     _publish_conversion,
     byte_tokenizer,
     load_model,

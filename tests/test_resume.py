@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import loracl.checkpoint
-from loracl import runner
+import loracl.recipes.checkpoint
 from loracl.cli import main
 from loracl.config import load_config
+from loracl.engine.interrupt import check_interrupt, stop_on_signals
 from loracl.errors import CheckpointError, RunInterrupted
-from loracl.interrupt import check_interrupt, stop_on_signals
-from loracl.runner import run
+from loracl.recipes import run as runner
+from loracl.recipes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -127,7 +127,7 @@ def test_a_second_signal_stops_at_once() -> None:
 
 KILL_SCRIPT = """
 import os, signal, sys
-from loracl import runner
+from loracl.recipes import run as runner
 from loracl.cli import main
 
 real = runner.train_task
@@ -217,7 +217,7 @@ def test_full_disk_keeps_the_previous_checkpoint(
     reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "full"
-    real = loracl.checkpoint.write_durable
+    real = loracl.recipes.checkpoint.write_durable
 
     def write_durable(path: Path, write) -> None:
         if path.parent.name.startswith(".task-002"):  # the disk fills up while task 2's state is written
@@ -225,7 +225,7 @@ def test_full_disk_keeps_the_previous_checkpoint(
         real(path, write)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loracl.checkpoint, "write_durable", write_durable)
+        patch.setattr(loracl.recipes.checkpoint, "write_durable", write_durable)
         assert main(cli_args(out)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "No space left on device" in err
@@ -307,8 +307,8 @@ def test_a_version_1_checkpoint_still_resumes(reference: Path, tmp_path: Path) -
     """Version 1 pickled the PEFT config objects; runs interrupted before version 2 still continue."""
     out = crashed_in_task_2(
         tmp_path / "v1",
-        (loracl.checkpoint, "plain_peft_config", lambda config: config),
-        (loracl.checkpoint, "VERSION", 1),
+        (loracl.recipes.checkpoint, "plain_peft_config", lambda config: config),
+        (loracl.recipes.checkpoint, "VERSION", 1),
     )
     assert json.loads((out / "checkpoint" / "latest.json").read_text())["version"] == 1
     run(None, out, resume=True)

@@ -30,11 +30,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from loracl.cli import main
 from loracl.config import LoraSection
 from loracl.data import Example, load_benchmark, load_cl_benchmark_task, load_jsonl_task, load_superni_task
+from loracl.data.text import PromptEncoder
 from loracl.errors import AdapterMismatchError, ConfigError, DataError
-from loracl.loading import load_adapter
-from loracl.lora import attach_lora, save_adapter
-from loracl.models import byte_tokenizer, tiny_random_llama
-from loracl.text import PromptEncoder
+from loracl.models.base_model import byte_tokenizer, tiny_random_llama
+from loracl.models.lora import attach_lora, save_adapter
+from loracl.outputs.loading import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

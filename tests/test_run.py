@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from loracl.cli import main
 from loracl.config import load_config
-from loracl.evaluation import Evaluator
-from loracl.lora import get_lora_state
+from loracl.data import load_tasks
+from loracl.data.text import PromptEncoder
+from loracl.engine.evaluation import Evaluator
 from loracl.methods import create_method
-from loracl.models import tiny_random_llama
-from loracl.runner import load_tasks, run
-from loracl.text import PromptEncoder
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import get_lora_state
+from loracl.recipes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from loracl.config import LoraSection
-from loracl.lora import LoraPair
 from loracl.methods import create_method
 from loracl.methods.slao import interpolate, merge_weight, orthonormal_row_basis
+from loracl.models.lora import LoraPair
 
 
 def make_slao(**options):

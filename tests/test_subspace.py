@@ -1,4 +1,4 @@
-"""Input-subspace math (loracl.subspace) and O-LoRA's penalty on small tensors with known answers."""
+"""Input-subspace math (loracl.models.subspace) and O-LoRA's penalty on small tensors with known answers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from loracl.config import LoraSection
-from loracl.lora import lora_layers
 from loracl.methods import create_method
 from loracl.methods.olora import l2_penalty, olora_loss, orthogonality_penalty
-from loracl.models import tiny_random_llama
-from loracl.multi_lora import activate_all, add_task_adapter, task_adapter
-from loracl.subspace import (
+from loracl.models.base_model import tiny_random_llama
+from loracl.models.lora import lora_layers
+from loracl.models.multi_lora import activate_all, add_task_adapter, task_adapter
+from loracl.models.subspace import (
     basis_info,
     collect_input_grams,
     complement_directions,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from loracl.engine.interrupt import check_interrupt, stop_on_signals
 from loracl.errors import RunInterrupted
-from loracl.interrupt import check_interrupt, stop_on_signals
-from loracl.workers import Job, log_path, run_jobs, worker_threads
+from loracl.recipes.workers import Job, log_path, run_jobs, worker_threads
 
 
 def fake_run_cell(cell: str) -> str | None:

@@ -73,8 +73,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from loracl.recipes.run import run
+
     from .config import load_config
-    from .runner import run
 
     given = args.config is not None or args.overrides
     config = load_config(args.config, args.overrides) if given or not args.resume else None
@@ -99,7 +100,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import export
+    from loracl.outputs.deploy import export
 
     target = export(args.run_dir, args.to, merge=args.merge, overwrite=args.overwrite)
     kind = "merged model (transformers folder)" if args.merge else "adapter"
@@ -160,8 +161,8 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .deploy import evaluate, resolve_source
-    from .distributed import is_main
+    from loracl.engine.distributed import is_main
+    from loracl.outputs.deploy import evaluate, resolve_source
 
     source = resolve_source(args.source, _eval_overrides(args), args.model)
     output = Path(args.output) if args.output else (source.run_dir or Path(".")) / "eval.json"
@@ -192,8 +193,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .deploy import predict, read_prompts, resolve_source
-    from .distributed import is_main
+    from loracl.engine.distributed import is_main
+    from loracl.outputs.deploy import predict, read_prompts, resolve_source
+
     from .errors import ConfigError
 
     prompts = list(args.prompt) + (read_prompts(Path(args.file)) if args.file else [])
@@ -261,7 +263,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_grid, write_bench_report
+    from loracl.recipes.bench import run_grid, write_bench_report
+
     from .errors import ConfigError
 
     if args.report_only:

@@ -1,6 +1,6 @@
 """Benchmark data: task formats, loaders and task orders."""
 
-from loracl.data.benchmarks import ORDERS, benchmark_names, load_benchmark
+from loracl.data.benchmarks import ORDERS, benchmark_names, load_benchmark, load_tasks
 from loracl.data.formats import (
     EXACT_MATCH,
     ROUGE_L,
@@ -27,5 +27,6 @@ __all__ = [
     "load_jsonl_task",
     "load_olora_task",
     "load_superni_task",
+    "load_tasks",
     "olora_prompt",
 ]

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from ..context import TaskContext
-from ..training import answer_loss, collate
+from loracl.engine.training import answer_loss, collate
+from loracl.methods.context import TaskContext
+
 from .base import register
 from .episodic import EpisodicMemoryMethod
 

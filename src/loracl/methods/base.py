@@ -1,6 +1,7 @@
 """The base class every continual-learning method derives from, and the method registry.
 
-The training loop (loracl.training) and the runner (loracl.runner) call only the hooks below, in this order
+The training loop (loracl.engine.training) and the runner (loracl.recipes.run) call only the hooks
+below, in this order:
 for each task i = 1..T:  before_task -> [per step: (inside step_context: task loss, extra_loss), backward,
 after_backward, optimizer step, after_optimizer_step] -> after_task -> evaluation of the model as it then
 stands -> ... -> export at the end.
@@ -15,7 +16,7 @@ Generic hooks with do-nothing defaults, for methods that need them:
   exactly fixed: gradient projection alone does not survive AdamW's per-coordinate scaling.
 - `restore(model, directory, manifest)` (class method): re-creates, on a model loaded from an exported
   multi-adapter `adapter/` folder, the extra state the method exported beside the PEFT adapters
-  (`loracl.loading.load_adapter` calls it; see `loracl.multi_lora` for the layout).
+  (`loracl.outputs.loading.load_adapter` calls it; see `loracl.models.multi_lora` for the layout).
 
 Inside a training step the loop also calls `augment_batch` (add examples to the step's batch before it is
 collated, e.g. replayed memory) and, once the gradient of an optimizer step is complete (after gradient
@@ -31,9 +32,11 @@ Attributes that change the shape of a run (the runner reads them; it never names
 - `role`: "continual" for a continual-learning method; "upper_bound" or "reference" for comparison points
   that are not continual methods; results.json and the report label the run with it.
 
-Checkpoints (loracl.checkpoint) after every task save the model's adapters and the method's state between
-tasks: the instance attributes named in `state_attributes`: tensors, numbers, strings, containers of
-them and the few classes of `checkpoint.STATE_CLASSES` (a checkpoint is read without running code).
+
+Checkpoints (loracl.recipes.checkpoint) after every task save the model's adapters and the method's
+state between tasks: the instance attributes named in `state_attributes`: tensors, numbers, strings,
+containers of them and the few classes of `checkpoint.STATE_CLASSES`
+(a checkpoint is read without running code).
 State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
 beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
 
@@ -54,11 +57,12 @@ from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PreTrainedModel
 
+from loracl.data.text import Encoded
+from loracl.methods.context import TaskContext
+from loracl.models.lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
+
 from ..config import LoraSection
-from ..context import TaskContext
 from ..errors import CheckpointError, ConfigError
-from ..lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
-from ..text import Encoded
 
 Role = Literal["continual", "upper_bound", "reference"]
 

@@ -1,7 +1,8 @@
 """The shared base of the methods that keep a bounded memory of past examples (replay, agem).
 
 One LoRA is trained task after task (as seq_lora); after each task its training examples are offered to a
-reservoir memory (loracl.memory), so while task i trains the memory holds examples of tasks < i only. These
+reservoir memory (loracl.methods.memory), so while task i trains the memory holds examples of tasks < i
+only. These
 methods store old examples: not data-free (METHODS.md), which results.json and the report say.
 """
 
@@ -13,10 +14,11 @@ import torch
 from peft import PeftModel
 from pydantic import Field
 
+from loracl.data.text import Encoded
+from loracl.methods.context import TaskContext
+from loracl.methods.memory import ReservoirMemory
+
 from ..config import LoraSection
-from ..context import TaskContext
-from ..memory import ReservoirMemory
-from ..text import Encoded
 from .base import ContinualMethod, MethodOptions
 
 

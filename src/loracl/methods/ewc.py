@@ -15,9 +15,10 @@ import torch
 from peft import PeftModel
 from pydantic import Field
 
+from loracl.engine.training import IGNORE, answer_loss
+from loracl.methods.context import TaskContext
+
 from ..config import LoraSection
-from ..context import TaskContext
-from ..training import IGNORE, answer_loss
 from .base import ContinualMethod, MethodOptions, register
 
 

@@ -29,10 +29,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..context import TaskContext
-from ..multi_lora import layer_map, task_adapter, task_adapters
-from ..subspace import gpm_threshold, gpm_update, project_off, vector_gram
-from ..training import IGNORE
+from loracl.engine.training import IGNORE
+from loracl.methods.context import TaskContext
+from loracl.models.multi_lora import layer_map, task_adapter, task_adapters
+from loracl.models.subspace import gpm_threshold, gpm_update, project_off, vector_gram
+
 from .base import register
 from .inc_lora import IncLoRA
 from .inflora import InfLoRA, SubspaceOptions

@@ -1,7 +1,8 @@
 """GPM (Saha et al., ICLR 2021) on a single LoRA (METHODS.md "gpm").
 
 Per adapted layer keep an orthonormal basis M (n x k) of past tasks' layer inputs, extended after each task
-by the energy rule (loracl.subspace.gpm_update; epsilon 0.97 rising 0.003 per task). During later tasks the
+by the energy rule (loracl.models.subspace.gpm_update; epsilon 0.97 rising 0.003 per task). During later
+tasks the
 gradient of A is projected, grad A <- grad A - grad A M M^T, so A x is unchanged for old inputs x. B is
 trained freely, as METHODS.md specifies.
 
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from ..context import TaskContext
-from ..lora import lora_layers
-from ..subspace import (
+from loracl.methods.context import TaskContext
+from loracl.models.lora import lora_layers
+from loracl.models.subspace import (
     basis_info,
     basis_nbytes,
     collect_input_grams,
@@ -29,6 +30,7 @@ from ..subspace import (
     project_off,
     warn_few_free_directions,
 )
+
 from .base import ContinualMethod, register
 from .inflora import SubspaceOptions
 

@@ -12,9 +12,10 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from ..context import TaskContext
-from ..lora import attach_lora
-from ..multi_lora import activate_all, add_task_adapter, save_task_adapters, task_adapter
+from loracl.methods.context import TaskContext
+from loracl.models.lora import attach_lora
+from loracl.models.multi_lora import activate_all, add_task_adapter, save_task_adapters, task_adapter
+
 from .base import ContinualMethod, register
 
 

@@ -4,7 +4,7 @@ Per adapted layer keep an orthonormal basis M (n x k) of the input subspace of p
   - collect the layer inputs H_i of task i (forward hooks, non-padding tokens, float32; via their Gram);
   - A_i = top-r left singular vectors of (I - M M^T) H_i, as rows; A_i is frozen, B_i (init 0) is trained,
     so the new branch sees nothing of old tasks' inputs: B_i A_i x ~ 0 for x in span(M);
-  - after the task, extend M with task i's inputs by GPM's energy rule (loracl.subspace.gpm_update).
+  - after the task, extend M with task i's inputs by GPM's energy rule (loracl.models.subspace.gpm_update).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from ..context import TaskContext
-from ..multi_lora import layer_map, task_adapter
-from ..subspace import (
+from loracl.methods.context import TaskContext
+from loracl.models.multi_lora import layer_map, task_adapter
+from loracl.models.subspace import (
     GPM_THRESHOLD,
     GPM_THRESHOLD_STEP,
     basis_info,
@@ -27,6 +27,7 @@ from ..subspace import (
     gpm_update,
     warn_few_free_directions,
 )
+
 from .base import MethodOptions, register
 from .inc_lora import IncLoRA
 

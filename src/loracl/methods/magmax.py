@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..merging import max_magnitude
+from loracl.models.merging import max_magnitude
+
 from .base import register
 from .merging_base import MergingMethod, MergingOptions
 

@@ -2,7 +2,8 @@
 
 Underneath is sequential fine-tuning: one LoRA (PEFT adapter "default") trained task after task, never
 reset. After task i its task vector τ_i = s B_i A_i is stored (as the LoRA factors), the subclass's merge
-rule combines τ_1..τ_i into one dense delta per layer, and loracl.merging truncates it back to a LoRA of
+rule combines τ_1..τ_i into one dense delta per layer, and loracl.models.merging truncates it back to a
+LoRA of
 rank k. That LoRA lives in a second stock PEFT adapter, "merged" (r = lora_alpha = k), which is what gets
 evaluated after every task (so the T × T matrix is the merged model's) and exported into `adapter/`.
 Per task, `tasks/<i>-<task>/` holds `adapter_ft/` (the sequential LoRA), `adapter_merged/` and
@@ -19,10 +20,9 @@ import torch
 from peft import PeftModel
 from pydantic import Field
 
-from .. import distributed
-from ..config import LoraSection
-from ..context import TaskContext
-from ..lora import (
+from loracl.engine import distributed
+from loracl.methods.context import TaskContext
+from loracl.models.lora import (
     DEFAULT_ADAPTER,
     LoraState,
     get_lora_state,
@@ -33,7 +33,9 @@ from ..lora import (
     set_lora_state,
     state_nbytes,
 )
-from ..merging import Truncation, task_vector, truncate_to_lora
+from loracl.models.merging import Truncation, task_vector, truncate_to_lora
+
+from ..config import LoraSection
 from .base import ContinualMethod, MethodOptions
 
 MERGED_ADAPTER = "merged"

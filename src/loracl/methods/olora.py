@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from ..lora import lora_layers
-from ..multi_lora import task_adapters
+from loracl.models.lora import lora_layers
+from loracl.models.multi_lora import task_adapters
+
 from .base import MethodOptions, register
 from .inc_lora import IncLoRA
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from peft import PeftModel
 
-from ..context import TaskContext
-from ..text import Encoded
+from loracl.data.text import Encoded
+from loracl.methods.context import TaskContext
+
 from .base import register
 from .episodic import EpisodicMemoryMethod
 

@@ -18,8 +18,8 @@ import torch
 from peft import PeftModel
 from pydantic import model_validator
 
-from ..context import TaskContext
-from ..lora import (
+from loracl.methods.context import TaskContext
+from loracl.models.lora import (
     LoraPair,
     LoraState,
     get_lora_state,
@@ -28,7 +28,8 @@ from ..lora import (
     set_lora_state,
     set_trainable,
 )
-from ..lora import state_nbytes as lora_state_nbytes
+from loracl.models.lora import state_nbytes as lora_state_nbytes
+
 from .base import ContinualMethod, MethodOptions, register
 
 

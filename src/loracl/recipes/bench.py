@@ -2,7 +2,7 @@
 
 The bench directory:
 - `bench.json`: the grid (label, method specs, orders, the command, each cell's resolved config);
-- `<method>/<order>/`: one ordinary run directory per cell (see loracl.runner), plus `bench_error.txt`
+- `<method>/<order>/`: one ordinary run directory per cell (see loracl.recipes.run), plus `bench_error.txt`
   (the traceback) when the cell failed;
 - `bench.md`, `bench.csv`, `bench.png`: the table, one CSV row per cell, and a bar chart of AP and BWT.
 
@@ -28,13 +28,14 @@ from typing import Any
 
 import yaml
 
-from . import runner, workers
-from .config import RunConfig, build_config, load_config_data
-from .data import ORDERS
-from .errors import ConfigError, RunInterrupted
-from .methods import create_method, method_class
-from .metrics import is_complete
-from .report import setup_line
+from loracl.config import RunConfig, build_config, load_config_data
+from loracl.data import ORDERS, load_tasks
+from loracl.engine.metrics import is_complete
+from loracl.errors import ConfigError, RunInterrupted
+from loracl.methods import create_method, method_class
+from loracl.outputs.report import setup_line
+from loracl.recipes import run as runner
+from loracl.recipes import workers
 
 # The only numbers the reference gives (METHODS.md, SLAO section, quoting Qiao & Mahdavi, ICLR 2026,
 # arXiv 2512.23017): Llama-2-7B-chat, averaged over the task orders of each benchmark family.
@@ -166,7 +167,7 @@ def plan_grid(
     checked: set[str] = set()
     for cell in cells:
         if cell.order.text not in checked:
-            runner.load_tasks(cell.config)
+            load_tasks(cell.config)
             checked.add(cell.order.text)
     return cells
 

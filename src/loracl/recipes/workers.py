@@ -22,8 +22,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from .errors import RunInterrupted
-from .interrupt import requested_signal, stop_on_signals
+from loracl.engine.interrupt import requested_signal, stop_on_signals
+from loracl.errors import RunInterrupted
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = RunInterrupted.exit_code

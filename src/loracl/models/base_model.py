@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .errors import ModelError
+from loracl.errors import ModelError
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random-llama"

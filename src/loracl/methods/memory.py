@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 
-from .text import Encoded
+from loracl.data.text import Encoded
 
 
 class ReservoirMemory:

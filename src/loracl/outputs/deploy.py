@@ -3,7 +3,8 @@ on any tasks, and generate with the final model (`loracl export`, `loracl eval`,
 
 The source is a run directory (its config.yaml says which base model and prompt settings to use) or an
 adapter folder alone (the base model is then the one its adapter_config.json names, or `--model`). The model
-is rebuilt exactly as the run evaluated it: `loracl.models.load_model` + `loracl.loading.load_adapter`.
+is rebuilt exactly as the run evaluated it: `loracl.models.base_model.load_model` +
+`loracl.outputs.loading.load_adapter`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from typing import Any
 
 from peft import PeftModel
 
-from . import __version__, distributed
-from .config import RunConfig, load_config
-from .errors import ConfigError
-from .files import write_json_atomic
-from .loading import load_adapter
-from .methods import method_class
-from .models import LoadedModel, load_model
-from .multi_lora import read_manifest
-from .runner import load_tasks, make_evaluator
+from loracl import __version__
+from loracl.config import RunConfig, load_config
+from loracl.data import load_tasks
+from loracl.engine import distributed
+from loracl.engine.evaluation import make_evaluator
+from loracl.errors import ConfigError
+from loracl.files import write_json_atomic
+from loracl.methods import method_class
+from loracl.models.base_model import LoadedModel, load_model
+from loracl.models.multi_lora import read_manifest
+from loracl.outputs.loading import load_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 

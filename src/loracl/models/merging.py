@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import LoraPair
+from loracl.models.lora import LoraPair
 
 
 def task_vector(pair: LoraPair, scaling: float) -> torch.Tensor:

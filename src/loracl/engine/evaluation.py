@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import distributed
-from .data import Example, Task
-from .interrupt import check_interrupt
-from .progress import progress
-from .text import PromptEncoder
+from loracl.config import RunConfig
+from loracl.data import Example, Task
+from loracl.data.text import PromptEncoder
+from loracl.engine import distributed
+from loracl.engine.interrupt import check_interrupt
+from loracl.engine.progress import progress
 
 _TRAILING = string.punctuation + " \t\n"
 
@@ -149,3 +150,9 @@ class Evaluator:
         for task in progress(tasks, desc=description, unit="task"):
             results.append(self.evaluate(model, task).score)
         return results
+
+
+def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:
+    """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
+    encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
+    return Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)

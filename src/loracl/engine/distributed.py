@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, LoraclError
+from loracl.errors import ConfigError, LoraclError
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import distributed
+from loracl.engine import distributed
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from . import distributed
-from .config import TrainSection
-from .interrupt import check_interrupt
-from .progress import progress
-from .text import Encoded
+from loracl.config import TrainSection
+from loracl.data.text import Encoded
+from loracl.engine import distributed
+from loracl.engine.interrupt import check_interrupt
+from loracl.engine.progress import progress
 
 IGNORE = -100
 

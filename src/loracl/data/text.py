@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import Example
+from loracl.data import Example
 
 ANSWER_SEPARATOR = " "  # prompts end with "Answer:"; the answer follows after one space
 

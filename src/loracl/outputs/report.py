@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .metrics import is_complete
+from loracl.engine.metrics import is_complete
 
 
 def _fmt(value: float | None) -> str:

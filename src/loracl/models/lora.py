@@ -15,8 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from . import distributed
-from .config import LoraSection
+from loracl.config import LoraSection
+from loracl.engine import distributed
 
 DEFAULT_ADAPTER = "default"
 

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import RunInterrupted
+from loracl.errors import RunInterrupted
 
 _received: list[str] = []  # names of the signals received while a guard is active
 

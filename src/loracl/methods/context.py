@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .data import Task
-from .text import Encoded
-from .training import collate
+from loracl.data import Task
+from loracl.data.text import Encoded
+from loracl.engine import distributed
+from loracl.engine.training import collate
 
 
 @dataclass

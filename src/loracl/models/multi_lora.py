@@ -3,7 +3,7 @@
 All task adapters are active at once, so each adapted layer computes W0 x + sum_j s B_j A_j x (PEFT adds the
 outputs of every active adapter); only the current task's adapter is trainable.
 
-Export layout of a multi-adapter run's `adapter/` folder (read back by `loracl.loading.load_adapter`):
+Export layout of a multi-adapter run's `adapter/` folder (read back by `loracl.outputs.loading.load_adapter`):
 
     adapter/
       loracl_adapter.json     {"format": "loracl-multi-lora", "version": 1, "method": <name>,
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .config import LoraSection
-from .lora import lora_layers, peft_config, save_adapter
+from loracl.config import LoraSection
+from loracl.models.lora import lora_layers, peft_config, save_adapter
 
 MANIFEST = "loracl_adapter.json"
 FORMAT = "loracl-multi-lora"

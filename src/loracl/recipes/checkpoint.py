@@ -12,7 +12,8 @@ Layout inside the run directory:
                         few classes of STATE_CLASSES, never arbitrary objects
         results.json    the results so far (matrix rows, zero-shot scores, timings, per_task)
 
-No optimizer state: every task starts a fresh AdamW (loracl.training). A new `task-<k>/` is written under a
+No optimizer state: every task starts a fresh AdamW (loracl.engine.training). A new `task-<k>/` is
+written under a
 temporary name, flushed to disk and renamed; only then is `latest.json` replaced (atomically), and only then
 are older folders removed. A kill at any moment therefore leaves `latest.json` naming a complete folder.
 """
@@ -32,12 +33,12 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel
 
-from .errors import CheckpointError
-from .files import fsync_dir, write_durable, write_json_atomic, write_json_durable
-from .lora import LoraPair
-from .memory import ReservoirMemory
-from .methods import ContinualMethod
-from .text import Encoded
+from loracl.data.text import Encoded
+from loracl.errors import CheckpointError
+from loracl.files import fsync_dir, write_durable, write_json_atomic, write_json_durable
+from loracl.methods import ContinualMethod
+from loracl.methods.memory import ReservoirMemory
+from loracl.models.lora import LoraPair
 
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"

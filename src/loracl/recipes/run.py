@@ -2,13 +2,13 @@
 
 Run directory (other tools rely on it): config.yaml, results.json, report.md, matrix.png, adapter/ (final
 adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts written by the method, and checkpoint/
-(the state after the last finished task, for `--resume`; see loracl.checkpoint).
+(the state after the last finished task, for `--resume`; see loracl.recipes.checkpoint).
 
 Reproducibility: the global random generators are re-seeded from (seed, task index) before each task, so
 a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
 
 Launched with several processes (`accelerate launch`, `torchrun`) every process runs the same sequence on
-its share of the data (see loracl.distributed); only the main process writes files or prints.
+its share of the data (see loracl.engine.distributed); only the main process writes files or prints.
 """
 
 from __future__ import annotations
@@ -24,23 +24,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import set_seed
 
-from . import __version__, distributed
-from .checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_checkpoint
-from .config import RunConfig, build_config, dump_config, read_yaml
-from .context import TaskContext
-from .data import Task, load_benchmark
-from .errors import CheckpointError, ConfigError, RunInterrupted
-from .evaluation import Evaluator
-from .files import write_json_atomic
-from .interrupt import check_interrupt, stop_on_signals
-from .methods import ContinualMethod, create_method
-from .metrics import all_metrics
-from .models import LoadedModel, load_model
-from .report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
-from .text import PromptEncoder
-from .training import TrainStats, train_task
+from loracl import __version__
+from loracl.config import RunConfig, build_config, dump_config, read_yaml
+from loracl.data import Task, load_tasks
+from loracl.engine import distributed
+from loracl.engine.evaluation import make_evaluator
+from loracl.engine.interrupt import check_interrupt, stop_on_signals
+from loracl.engine.metrics import all_metrics
+from loracl.engine.training import TrainStats, train_task
+from loracl.errors import CheckpointError, ConfigError, RunInterrupted
+from loracl.files import write_json_atomic
+from loracl.methods import ContinualMethod, create_method
+from loracl.methods.context import TaskContext
+from loracl.models.base_model import LoadedModel, load_model
+from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
+from loracl.recipes.checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_checkpoint
 
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
 # picks which entries of the accuracy matrix are evaluated, not what they score).
@@ -117,26 +117,6 @@ def write_config(run_dir: Path, config: RunConfig) -> None:
 
 def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def load_tasks(config: RunConfig) -> list[Task]:
-    b = config.benchmark
-    return load_benchmark(
-        b.name,
-        data_dir=b.data_dir,
-        order=b.order,
-        tasks=b.tasks,
-        max_train=b.max_train,
-        max_test=b.max_test,
-        validation_fraction=b.validation_fraction,
-        seed=config.train.seed,
-    )
-
-
-def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:
-    """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
-    encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
-    return Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
 
 
 @dataclass

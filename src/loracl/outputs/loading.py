@@ -2,7 +2,8 @@
 
 - A single-adapter folder (SLAO, SeqLoRA, GPM, ...) is a stock PEFT folder: `PeftModel.from_pretrained`.
 - A multi-adapter folder (IncLoRA, O-LoRA, InfLoRA, GainLoRA) has a `loracl_adapter.json` manifest (layout in
-  `loracl.multi_lora`): every task adapter is loaded by name through stock PEFT, all are made active, and the
+  `loracl.models.multi_lora`): every task adapter is loaded by name through stock PEFT, all are made
+  active, and the
   method named in the manifest restores its extra state (e.g. GainLoRA's gates) through its `restore` hook.
 
 Before PEFT sees a folder, every adapter in it is checked against the base model: each adapted layer must
@@ -22,8 +23,8 @@ from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
-from .errors import AdapterMismatchError
-from .multi_lora import activate_all, read_manifest
+from loracl.errors import AdapterMismatchError
+from loracl.models.multi_lora import activate_all, read_manifest
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -78,7 +79,7 @@ def load_adapter(path: str | Path, base_model: PreTrainedModel, rank: int | None
     """The exported model of a run: `base_model` wrapped with the adapter(s) in `path`, in eval mode.
 
     `rank`, when given, is the LoRA rank every adapter must have."""
-    from .methods import method_class  # late import: methods import this package's helpers
+    from loracl.methods import method_class
 
     directory = Path(path)
     manifest = read_manifest(directory)

@@ -1,0 +1,1 @@
+"""The method-agnostic machinery: the training loop, evaluation, metrics, processes, interrupts, progress."""
