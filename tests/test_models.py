@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -42,10 +44,24 @@ def test_device_and_dtype_resolution():
 
 
 def test_missing_model_and_gguf_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="no such folder"):
         load_model(str(tmp_path / "no-such-model"), device="cpu")
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(ModelError, match="cannot load"):
+        load_model(str(tmp_path / "empty-model"), device="cpu")
     with pytest.raises(ModelError, match="GGUF file not found"):
         load_model(str(tmp_path / "missing.gguf"), device="cpu")
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id neither cached nor reachable: one error at once, not after transformers' retries."""
+    from loracl.models import base_model
+
+    monkeypatch.setattr(base_model, "hub_reachable", lambda timeout=5.0: False)
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="hub cannot be reached"):
+        load_model("loracl-test-org/no-such-model", device="cpu")
+    assert time.monotonic() - start < 20
 
 
 def test_parallel_conversion_keeps_the_first_finished_copy(tmp_path):

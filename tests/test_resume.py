@@ -283,38 +283,6 @@ def test_resume_may_change_a_harmless_key(reference: Path, tmp_path: Path) -> No
     assert results["metrics"] == full["metrics"]
 
 
-class Planted:
-    """An object a hostile checkpoint could hold: unpickling it would run code."""
-
-    def __reduce__(self):
-        return (os.system, ("touch planted-by-checkpoint",))
-
-
-def test_a_checkpoint_holding_other_objects_is_refused(
-    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = crashed_in_task_2(tmp_path / "hostile")
-    state_path = out / "checkpoint" / "task-001" / "state.pt"
-    state = torch.load(state_path, weights_only=False)
-    torch.save({**state, "method": {**state["method"], "finetuned": Planted()}}, state_path)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="holds objects other than tensors"):
-        run(None, out, resume=True)
-    assert not (tmp_path / "planted-by-checkpoint").exists()
-
-
-def test_a_version_1_checkpoint_still_resumes(reference: Path, tmp_path: Path) -> None:
-    """Version 1 pickled the PEFT config objects; runs interrupted before version 2 still continue."""
-    out = crashed_in_task_2(
-        tmp_path / "v1",
-        (loracl.recipes.checkpoint, "plain_peft_config", lambda config: config),
-        (loracl.recipes.checkpoint, "VERSION", 1),
-    )
-    assert json.loads((out / "checkpoint" / "latest.json").read_text())["version"] == 1
-    run(None, out, resume=True)
-    assert_same_outcome(outcome(reference), outcome(out))
-
-
 def test_edited_config_or_damaged_checkpoint_is_refused(reference: Path, tmp_path: Path) -> None:
     out = crashed_in_task_2(tmp_path / "edited")
     config_yaml = out / "config.yaml"

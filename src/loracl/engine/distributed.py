@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from loracl.errors import ConfigError, LoraclError
+from loracl.files import is_write_failure
 
 T = TypeVar("T")
 
@@ -150,7 +151,9 @@ def on_main(action: Callable[[], T]) -> T:
         _alone_on_main = True
         try:
             outcome = (True, action())
-        except (LoraclError, OSError) as exc:
+        except Exception as exc:
+            if not (isinstance(exc, LoraclError) or is_write_failure(exc)):
+                raise
             outcome = (False, exc)
         finally:
             _alone_on_main = False

@@ -21,6 +21,7 @@ from loracl.data.text import Encoded
 from loracl.engine import distributed
 from loracl.engine.interrupt import check_interrupt
 from loracl.engine.progress import progress
+from loracl.errors import LoraclError
 
 IGNORE = -100
 
@@ -125,6 +126,26 @@ def _steps(batches: list[list[int]], epochs: float, rng: random.Random, reshuffl
         yield current[step % len(batches)]
 
 
+class NonFiniteTraining(LoraclError):
+    """The loss, or the trainable weights after an update, stopped being finite: training diverged."""
+
+
+def _nonfinite_entries(params: Sequence[torch.nn.Parameter]) -> float:
+    """0.0 when every trainable weight is finite, else inf (the same on every process: they hold the same
+    weights after the summed update)."""
+    return 0.0 if all(bool(torch.isfinite(p).all()) for p in params) else math.inf
+
+
+def check_finite(value: float, what: str, description: str, step: int) -> None:
+    """Stop at the first non-finite loss or update (a learning rate far too high, overflow in a low
+    precision): going on would train on NaN and save a NaN adapter as if all were well."""
+    if not math.isfinite(value):
+        raise NonFiniteTraining(
+            f"{description}, step {step}: {what}; training diverged (lower train.lr, or train in float32: "
+            "model.dtype=float32)"
+        )
+
+
 def train_task(
     model: torch.nn.Module,
     method,
@@ -165,6 +186,9 @@ def train_task(
             model, method, distributed.shard(examples), answer_tokens(examples), pad_id, device
         )
         parts = [t for t in (loss, extra) if t is not None]
+        loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
+        objective = distributed.sum_scalar(sum(parts).item() if parts else 0.0)  # task loss + penalty
+        check_finite(objective, f"the loss is {objective}", description, step)
         if parts:
             (sum(parts) / cfg.grad_accum).backward()
         method.after_backward(model)
@@ -177,8 +201,8 @@ def train_task(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_optimizer_step(model)
+            check_finite(_nonfinite_entries(params), "the update left non-finite weights", description, step)
         tokens += sum(len(e.input_ids) for e in examples)
-        loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         bar.update()

@@ -10,9 +10,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from transformers import (
@@ -159,14 +161,49 @@ def tiny_random_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
-def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds (False when
+    HF_HUB_OFFLINE is set). transformers retries an unreachable hub for most of a minute before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        socket.create_connection((endpoint.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_pretrained(path: str, local_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+    return model, tokenizer
+
+
+def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local folder, or a hub id: from the cache, else downloaded, failing at once when the hub is out of
+    reach rather than after transformers' retries."""
+    local = Path(path).expanduser()
+    if path.startswith(("/", ".", "~")) and not local.exists():
+        raise ModelError(f"model.name: no such folder: {local}")
+    try:
+        try:
+            return _load_pretrained(path, local_only=True)  # a local folder, or a hub id already cached
+        except OSError:
+            if local.exists():
+                raise
+            if not hub_reachable():
+                raise ModelError(
+                    f"model.name: {path!r} is neither a local folder nor in the Hugging Face cache, and "
+                    "the hub cannot be reached (offline?); download it first or give a local folder"
+                ) from None
+        return _load_pretrained(path, local_only=False)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.name: cannot load {path!r}: {first_line}") from exc
-    return model, tokenizer
 
 
 def load_model(

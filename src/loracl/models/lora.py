@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from loracl.config import LoraSection
 from loracl.engine import distributed
+from loracl.errors import ConfigError
 
 DEFAULT_ADAPTER = "default"
 
@@ -43,6 +44,41 @@ def peft_config(lora: LoraSection) -> LoraConfig:
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+def _targeted(names: list[str], key: str) -> list[str]:
+    """The module names PEFT adapts for one entry of a target_modules list (the name or a dotted suffix)."""
+    return [name for name in names if name == key or name.endswith("." + key)]
+
+
+def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
+    """Refuse, before a run folder is written, LoRA targets PEFT would reject when it wraps the model or
+    that would crash a later task: a name no layer has, a module that is not a linear layer, or a rank
+    above a layer's smaller side (an orthogonal basis of r rows, SLAO's and InfLoRA's, cannot exist there)."""
+    modules = dict(model.named_modules())
+    linear = sorted(
+        {n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n}
+    )
+    for key in lora.target_modules:
+        matched = _targeted(list(modules), key)
+        if not matched:
+            raise ConfigError(
+                f"lora.target_modules: the model has no layer named {key!r} (its linear layers: "
+                f"{', '.join(linear)})"
+            )
+        for name in matched:
+            layer = modules[name]
+            if not isinstance(layer, torch.nn.Linear):
+                raise ConfigError(
+                    f"lora.target_modules: {key!r} names {name}, a {type(layer).__name__}, not a linear "
+                    f"layer (linear layers: {', '.join(linear)})"
+                )
+            width = min(layer.in_features, layer.out_features)
+            if lora.r > width:
+                raise ConfigError(
+                    f"lora.r: {lora.r} is larger than layer {name} ({layer.in_features} -> "
+                    f"{layer.out_features}) allows: at most {width}"
+                )
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraSection, adapter: str = DEFAULT_ADAPTER) -> PeftModel:

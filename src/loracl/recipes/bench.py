@@ -27,15 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from loracl.config import RunConfig, build_config, load_config_data
 from loracl.data import ORDERS, load_tasks
 from loracl.engine.metrics import is_complete
-from loracl.errors import ConfigError, RunInterrupted
+from loracl.errors import CheckpointError, ConfigError, RunInterrupted
+from loracl.files import UnsafeFileError, read_json_limited, read_text_limited
+from loracl.locking import LOCK_NAME, FolderBusy
 from loracl.methods import create_method, method_class
 from loracl.outputs.report import setup_line
 from loracl.recipes import run as runner
 from loracl.recipes import workers
+from loracl.recipes.checkpoint import checkpoint_version
 
 # The only numbers the reference gives (METHODS.md, SLAO section, quoting Qiao & Mahdavi, ICLR 2026,
 # arXiv 2512.23017): Llama-2-7B-chat, averaged over the task orders of each benchmark family.
@@ -173,10 +177,12 @@ def plan_grid(
 
 
 def _read_results(path: Path) -> dict[str, Any] | None:
+    """A cell's results.json, or None when absent, unreadable or not a JSON object."""
     try:
-        return json.loads((path / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        results = read_json_limited(path / "results.json")
+    except UnsafeFileError:
         return None
+    return results if isinstance(results, dict) else None
 
 
 def made_with(results: dict[str, Any], config: RunConfig) -> bool:
@@ -203,31 +209,44 @@ def _resumable(cell: Cell) -> bool:
         return False
     try:
         runner.resumed_config(cell.path, cell.config)
-    except ConfigError:
-        return False  # another config: run the cell from scratch
+        checkpoint_version(cell.path)
+    except (ConfigError, CheckpointError):
+        return False  # another config, or a checkpoint this loracl does not read: run it from scratch
     return True
 
 
 def run_cell(cell: Cell) -> str | None:
     """Run one cell (continuing it from its checkpoint when it was interrupted with the same config, else
     from scratch); returns None, or the error's one-line summary, which is also the first line of the
-    cell's bench_error.txt (the traceback follows it). Ctrl-C / SIGTERM stop the whole grid."""
+    cell's bench_error.txt (the traceback follows it); a cell that succeeds clears an earlier error.
+    Ctrl-C / SIGTERM stop the whole grid; a cell another process is running raises FolderBusy and is left
+    to it (its files untouched)."""
+    error_file = cell.path / ERROR_FILE
     try:
-        if _resumable(cell):
-            runner.run(cell.config, cell.path, resume=True, zero_shot_cache=cell.zero_shot_cache)
-        else:
-            runner.run(cell.config, cell.path, overwrite=True, zero_shot_cache=cell.zero_shot_cache)
+        if is_finished(cell.path, cell.config):  # finished meanwhile, e.g. by another bench on this grid
+            error_file.unlink(missing_ok=True)
+            return None
+        resume = _resumable(cell)
+        if not resume and error_file.is_file() and not _holds_more_than_the_error(cell.path):
+            error_file.unlink()  # the folder of a cell that failed before its run began: start afresh
+        cache = cell.zero_shot_cache
+        runner.run(cell.config, cell.path, resume=resume, overwrite=not resume, zero_shot_cache=cache)
+        error_file.unlink(missing_ok=True)
         return None
-    except RunInterrupted:
+    except (RunInterrupted, FolderBusy):
         raise
     except Exception as exc:  # noqa: BLE001  (one failing cell must not stop the grid)
         lines = str(exc).splitlines()
         summary = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         cell.path.mkdir(parents=True, exist_ok=True)
-        (cell.path / ERROR_FILE).write_text(f"{summary}\n\n{traceback.format_exc()}", encoding="utf-8")
+        error_file.write_text(f"{summary}\n\n{traceback.format_exc()}", encoding="utf-8")
         return summary
     finally:
         _free_memory()
+
+
+def _holds_more_than_the_error(path: Path) -> bool:
+    return any(p.name not in (ERROR_FILE, LOCK_NAME) for p in path.iterdir())
 
 
 def _free_memory() -> None:
@@ -295,18 +314,38 @@ def run_grid(
     for number, cell in enumerate(cells, start=1):
         head = f"[cell {number}/{len(cells)}] {cell.method.text} on {cell.order.text}"
         if is_finished(cell.path, cell.config):
+            (cell.path / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure this cell has outlived
             print(f"{head}: finished earlier, skipped")
         else:
             pending.append(workers.Job(head, cell.path, cell))
+    busy = []
     if jobs > 1 and len(pending) > 1:
-        workers.run_jobs(pending, jobs, run_cell, _recorded_error, _record_error)
+        outcomes = workers.run_jobs(pending, jobs, run_cell, _recorded_error, _record_error)
+        busy = [head for head, outcome in outcomes.items() if outcome.status == "busy"]
     else:
         for job in pending:
             print(f"{job.head}: running in {job.path}")
-            error = run_cell(job.cell)
+            try:
+                error = run_cell(job.cell)
+            except FolderBusy as exc:
+                print(f"{job.head}: skipped: {exc}")
+                busy.append(job.head)
+                continue
             if error:
                 print(f"{job.head}: FAILED: {error} (traceback in {job.path / ERROR_FILE})")
-    return write_bench_report(output)
+    cells = write_bench_report(output)
+    if busy:
+        raise CellsBusy(
+            f"{len(busy)} cell(s) are being run by another process ({'; '.join(busy)}); run the same "
+            "command again once it has finished"
+        )
+    return cells
+
+
+class CellsBusy(ConfigError):
+    """Some cells of the grid were left to another process running them; the report shows the rest."""
+
+    exit_code = 1  # like a failed cell: the grid is not complete
 
 
 def _recorded_error(path: Path) -> str | None:
@@ -337,7 +376,10 @@ class CellResult:
 
 
 def _error_summary(path: Path) -> str:
-    lines = (path / ERROR_FILE).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = read_text_limited(path / ERROR_FILE, limit=1 << 20).splitlines()
+    except UnsafeFileError as exc:
+        return f"unreadable {ERROR_FILE} ({exc})"
     return lines[0].strip() if lines and lines[0].strip() else "unknown error"
 
 
@@ -358,13 +400,46 @@ def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
     return CellResult(entry["method"], entry["order"], status, results)
 
 
+class _ManifestCell(BaseModel):
+    method: str
+    order: str
+    path: str
+    config: dict[str, Any]
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_grid(cls, value: str) -> str:
+        # A cell's folder lies inside the bench directory: a manifest from elsewhere may not point outside.
+        if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"{value!r} is not a folder inside the bench directory")
+        return value
+
+
+class _Manifest(BaseModel):
+    label: str
+    command: str
+    methods: list[str]
+    orders: list[str]
+    cells: list[_ManifestCell] = Field(min_length=1)
+
+
 def read_manifest(output: Path) -> dict[str, Any]:
+    """bench.json, checked: every field the report reads is there with its type, every cell's config is a
+    valid run config (its defaults filled in), and every cell path stays inside `output`."""
+    where = output / MANIFEST
+    if not where.exists():
+        raise ConfigError(f"{output}: no {MANIFEST} here; not a `loracl bench` directory")
     try:
-        return json.loads((output / MANIFEST).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{output}: no {MANIFEST} here; not a `loracl bench` directory") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{output / MANIFEST}: not valid JSON") from exc
+        manifest = _Manifest.model_validate(read_json_limited(where)).model_dump()
+    except UnsafeFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+        raise ConfigError(f"{where}: {key}: {first['msg']}; not a bench.json that loracl wrote") from exc
+    for number, cell in enumerate(manifest["cells"]):
+        cell["config"] = build_config(cell["config"], f"{where}: cell {number}").model_dump(mode="json")
+    return manifest
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,16 @@ from peft import PeftConfig, PeftModel
 
 from loracl.data.text import Encoded
 from loracl.errors import CheckpointError
-from loracl.files import fsync_dir, write_durable, write_json_atomic, write_json_durable
+from loracl.files import (
+    UnsafeFileError,
+    fsync_dir,
+    is_write_failure,
+    read_json_limited,
+    write_durable,
+    write_failure_reason,
+    write_json_atomic,
+    write_json_durable,
+)
 from loracl.methods import ContinualMethod
 from loracl.methods.memory import ReservoirMemory
 from loracl.models.lora import LoraPair
@@ -45,10 +54,13 @@ LATEST = "latest.json"
 STATE = "state.pt"
 RESULTS = "results.json"
 FORMAT = "loracl-checkpoint"
-VERSION = 2  # 1: state.pt pickled whole (PEFT config objects included), read only with weights_only=False
+VERSION = 2  # 1 (loracl before 2026-11-28): state.pt pickled whole, PEFT config objects included
 # The classes a method's state may hold besides tensors, numbers, strings and containers; anything else in a
 # checkpoint is refused on reading, so resuming a run directory from elsewhere cannot run code.
 STATE_CLASSES = (LoraPair, Encoded, ReservoirMemory, random.Random)
+
+
+_STATE_PARTS = ("peft_configs", "tensors", "method")
 
 
 @dataclass
@@ -74,12 +86,10 @@ def plain_peft_config(config: PeftConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), default=sorted))
 
 
-def _load_state(path: Path, device: torch.device, version: int) -> dict[str, Any]:
-    """state.pt as save_checkpoint wrote it, with PEFT config objects (whatever the version)."""
-    if version < 2:
-        # Written by an older loracl, which pickled PEFT config objects: only a full unpickler reads it.
-        # Such a checkpoint is a file a run of the user's own wrote into its run directory.
-        return torch.load(path, map_location=device, weights_only=False)
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """state.pt as save_checkpoint wrote it, with PEFT config objects. Read with weights_only=True only:
+    nothing in a run directory is ever unpickled with the full unpickler, which runs whatever code the
+    file names (a run directory may come from someone else)."""
     try:
         with torch.serialization.safe_globals(list(STATE_CLASSES)):
             state = torch.load(path, map_location=device, weights_only=True)
@@ -88,6 +98,10 @@ def _load_state(path: Path, device: torch.device, version: int) -> dict[str, Any
             f"{path.parent}: unreadable checkpoint (it holds objects other than tensors and loracl's state "
             "classes; not loaded, as unpickling them could run code)"
         ) from exc
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in _STATE_PARTS):
+        raise ValueError(f"state.pt must hold a dict with {', '.join(_STATE_PARTS)}")
+    if not all(isinstance(t, torch.Tensor) for t in state["tensors"].values()):
+        raise ValueError("state.pt: 'tensors' holds something other than tensors")
     configs = state["peft_configs"]
     state["peft_configs"] = {name: PeftConfig.from_peft_type(**plain) for name, plain in configs.items()}
     return state
@@ -127,11 +141,19 @@ def save_checkpoint(
         latest = {"format": FORMAT, "version": VERSION, "directory": target.name, "finished": finished}
         write_json_atomic({**latest, "config_hash": digest}, root / LATEST)
         fsync_dir(root)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        kept = f"the checkpoint after task {finished - 1} is intact" if finished > 1 else "no checkpoint yet"
+        if not is_write_failure(exc):
+            raise
+        kept = (
+            f"the checkpoint after task {finished - 1} is intact; resume with: loracl run --resume --output "
+            f"{run_dir}"
+            if finished > 1
+            else "no checkpoint yet"
+        )
+        reason = write_failure_reason(exc)
         raise CheckpointError(
-            f"cannot write the checkpoint after task {finished} in {root} ({exc.strerror or exc}); {kept}"
+            f"cannot write the checkpoint after task {finished} in {root} ({reason}); {kept}"
         ) from exc
     for old in root.glob("task-*"):
         if old != target:
@@ -139,13 +161,31 @@ def save_checkpoint(
 
 
 def _read_latest(root: Path) -> dict[str, Any]:
+    """latest.json, checked field by field: a run folder may come from anywhere."""
+    where = root / LATEST
     try:
-        latest = json.loads((root / LATEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{root / LATEST}: unreadable ({exc})") from exc
+        latest = read_json_limited(where, limit=1 << 20)
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"unreadable checkpoint pointer: {exc}") from exc
     if not isinstance(latest, dict) or latest.get("format") != FORMAT:
-        raise CheckpointError(f"{root / LATEST}: not a loracl checkpoint pointer")
+        raise CheckpointError(f"{where}: not a loracl checkpoint pointer")
+    version = latest.get("version")
+    if version != VERSION:
+        raise CheckpointError(
+            f"{root}: checkpoint format version {version!r}, not {VERSION}: not read (version 1 pickled "
+            "whole objects, and unpickling them could run code); start the run again without --resume"
+        )
+    finished, directory = latest.get("finished"), latest.get("directory")
+    if not isinstance(finished, int) or isinstance(finished, bool) or finished < 1:
+        raise CheckpointError(f"{where}: 'finished' must be a positive number of tasks, got {finished!r}")
+    if directory != _folder_name(finished):  # also keeps the pointer inside checkpoint/
+        raise CheckpointError(f"{where}: 'directory' must be {_folder_name(finished)!r}, got {directory!r}")
     return latest
+
+
+def checkpoint_version(run_dir: Path) -> int:
+    """The format version of a run's checkpoint, which must be this loracl's (CheckpointError otherwise)."""
+    return _read_latest(run_dir / CHECKPOINT_DIR)["version"]
 
 
 def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpoint | None:
@@ -156,14 +196,18 @@ def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpo
     latest = _read_latest(root)
     if latest.get("config_hash") != digest:
         raise CheckpointError(f"{root}: written for another configuration than {run_dir / 'config.yaml'}")
-    folder = root / str(latest.get("directory"))
+    folder = root / latest["directory"]
     try:
-        results = json.loads((folder / RESULTS).read_text(encoding="utf-8"))
-        state = _load_state(folder / STATE, device, int(latest.get("version", 1)))
+        results = read_json_limited(folder / RESULTS)
+        state = _load_state(folder / STATE, device)
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({exc})") from exc
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{folder}: unreadable checkpoint ({reason})") from exc
-    return Checkpoint(int(latest["finished"]), results, state)
+    if not isinstance(results, dict) or len(results.get("per_task", ())) != latest["finished"]:
+        raise CheckpointError(f"{folder / RESULTS}: not the results of {latest['finished']} finished task(s)")
+    return Checkpoint(latest["finished"], results, state)
 
 
 def restore_checkpoint(model: PeftModel, method: ContinualMethod, checkpoint: Checkpoint) -> None:

@@ -18,7 +18,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,16 +31,33 @@ from loracl.config import RunConfig, build_config, dump_config, read_yaml
 from loracl.data import Task, load_tasks
 from loracl.engine import distributed
 from loracl.engine.evaluation import make_evaluator
-from loracl.engine.interrupt import check_interrupt, stop_on_signals
+from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
 from loracl.engine.metrics import all_metrics
-from loracl.engine.training import TrainStats, train_task
+from loracl.engine.training import NonFiniteTraining, TrainStats, train_task
 from loracl.errors import CheckpointError, ConfigError, RunInterrupted
-from loracl.files import write_json_atomic
+from loracl.files import (
+    UnsafeFileError,
+    is_write_failure,
+    read_json_limited,
+    remove_stale_temporaries,
+    write_failure_reason,
+    write_json_atomic,
+)
+from loracl.locking import LOCK_NAME, FolderLock
 from loracl.methods import ContinualMethod, create_method
 from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model
+from loracl.models.lora import check_lora_targets
 from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
-from loracl.recipes.checkpoint import config_hash, read_checkpoint, restore_checkpoint, save_checkpoint
+from loracl.recipes.checkpoint import (
+    CHECKPOINT_DIR,
+    LATEST,
+    config_hash,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from loracl.recipes.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
 # picks which entries of the accuracy matrix are evaluated, not what they score).
@@ -53,17 +70,72 @@ def say(*args: Any) -> None:
         print(*args)
 
 
+def _is_loracl_config(path: Path) -> bool:
+    try:
+        build_config(read_yaml(path), str(path))
+    except ConfigError:
+        return False
+    return True
+
+
+def _is_loracl_json(path: Path, test: Callable[[dict[str, Any]], bool]) -> bool:
+    try:
+        data = read_json_limited(path, limit=64 << 20)
+    except UnsafeFileError:
+        return False
+    return isinstance(data, dict) and test(data)
+
+
+def is_loracl_run(path: Path) -> bool:
+    """Whether a folder holds a loracl run, the only kind of folder `--overwrite` empties: a loracl
+    config.yaml, results.json or checkpoint pointer, or nothing but the lock of a run that died before
+    writing any of them. A user's folder that happens to be non-empty is never one."""
+    if {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+        return True
+    return (
+        _is_loracl_config(path / "config.yaml")
+        or _is_loracl_json(path / "results.json", lambda r: "loracl_version" in r and "matrix" in r)
+        or _is_loracl_json(path / CHECKPOINT_DIR / LATEST, lambda r: r.get("format") == CHECKPOINT_FORMAT)
+    )
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, an --output that cannot hold a new run: a file, a
+    path below a file, a non-empty folder without --overwrite, or with --overwrite a non-empty folder that
+    is not a loracl run."""
+    for ancestor in (path, *path.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                where = (
+                    "exists and is not a directory" if ancestor == path else f"lies below {ancestor}, a file"
+                )
+                raise ConfigError(f"output: {path} {where}")
+            break
+    if not path.is_dir() or not any(p.name != LOCK_NAME for p in path.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output: {path} is not empty; pass --resume to continue that run, --overwrite to replace "
+            "it, or choose another --output"
+        )
+    if not is_loracl_run(path):
+        raise ConfigError(
+            f"output: {path} is not empty and holds no loracl run (no loracl config.yaml, results.json or "
+            "checkpoint); --overwrite only replaces a loracl run: choose another --output"
+        )
+
+
 def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"output: {path} is not empty; pass --resume to continue that run, --overwrite to replace "
-                "it, or choose another --output"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Empty the (locked) run directory for a new run: checked again now that no other loracl process can
+    write it, then everything but the lock removed."""
+    check_output_dir(path, overwrite)
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     return path
 
 
@@ -129,6 +201,7 @@ class ContinualRun:
     loaded: LoadedModel
     run_dir: Path
     zero_shot_cache: Path | None = None  # folder of base-model scores shared by runs (see zero_shot)
+    lock: FolderLock | None = None  # the run directory's lock, held from preparation to the end
 
     def __post_init__(self) -> None:
         self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
@@ -163,12 +236,19 @@ class ContinualRun:
         checkpoint after task `checkpointed`."""
         try:
             yield
-        except OSError as exc:
+        except Exception as exc:
+            if not is_write_failure(exc):
+                raise
             kept = f"the checkpoint after task {checkpointed} is intact" if checkpointed else "no checkpoint"
             raise CheckpointError(
-                f"cannot write {what} in {self.run_dir} ({exc.strerror or exc}); {kept}; "
+                f"cannot write {what} in {self.run_dir} ({write_failure_reason(exc)}); {kept}; "
                 f"resume with: loracl run --resume --output {self.run_dir}"
             ) from exc
+
+    def release(self) -> None:
+        """Drop the run directory's lock (the run is over, finished or not)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def checkpoint(self) -> None:
         save_checkpoint(
@@ -402,17 +482,23 @@ class ContinualRun:
 
     def run_all(self, start: float) -> dict[str, Any]:
         """Every step not finished yet, then export and reports; `start` is the perf_counter time the run
-        began (for the wall time). SIGINT/SIGTERM stop between two steps, with the way to resume."""
+        began (for the wall time). SIGINT/SIGTERM stop between two steps, or at once while the final
+        files are written (a resume writes them again), with the way to resume."""
         with stop_on_signals():
             try:
                 self.run_steps()
+                final = "writing the final adapter and report"
+                with self.write_errors("the final adapter and report", self.finished), stop_at_once(final):
+                    results = self.finish(time.perf_counter() - start)
             except RunInterrupted as exc:
                 done = self.finished
                 kept = f"checkpoint after task {done} kept" if done else "no task finished yet"
                 resume_hint = f"resume with: loracl run --resume --output {self.run_dir}"
                 raise RunInterrupted(f"{exc}; {kept}; {resume_hint}") from exc
-        with self.write_errors("the final adapter and report", self.finished):
-            results = self.finish(time.perf_counter() - start)
+            except NonFiniteTraining as exc:
+                done = self.finished
+                kept = f"the checkpoint after task {done} is kept" if done else "no task had finished"
+                raise NonFiniteTraining(f"{exc}; {kept} in {self.run_dir}") from exc
         say("\n" + matrix_table(results) + "\n\n" + metrics_line(results["metrics"]))
         say(f"wall time {results['timings']['wall']:.0f} s; report: {self.run_dir / 'report.md'}")
         return results
@@ -488,7 +574,9 @@ def run(
     """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
 
     With `resume`, the run in `output_dir` continues after its last finished task (config None: that run's
-    own config.yaml). `zero_shot_cache`: a folder where runs share the base model's scores."""
+    own config.yaml). `zero_shot_cache`: a folder where runs share the base model's scores. The run
+    directory is locked (loracl.locking) from before the model loads to the end: a second command on it is
+    refused."""
     start = time.perf_counter()
     if resume:
         run_dir, config = _resume_target(config, output_dir, overwrite)
@@ -499,38 +587,73 @@ def run(
         output_dir = run_dir
     elif config is None:
         raise ConfigError("a config is needed to start a run")
-    cl = prepare_run(config, output_dir, overwrite, resume)
-    cl.zero_shot_cache = zero_shot_cache
-    if resume:
-        cl.resume()
-    return cl.run_all(start)
+    with stop_on_signals():
+        try:
+            cl = prepare_run(config, output_dir, overwrite, resume)
+        except RunInterrupted as exc:
+            unchanged = f"the run is unchanged; resume with: loracl run --resume --output {output_dir}"
+            raise RunInterrupted(f"{exc}; {unchanged if resume else 'nothing was written'}") from exc
+    try:
+        cl.zero_shot_cache = zero_shot_cache
+        if resume:
+            cl.resume()
+        return cl.run_all(start)
+    finally:
+        cl.release()
 
 
 def prepare_run(
     config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False, resume: bool = False
 ) -> ContinualRun:
-    """Check and load everything of a run, then create its directory (unless resuming it); `run_all` does
-    the rest (the model stays in memory on the returned object).
+    """Check and load everything of a run, lock its directory and create it (unless resuming it);
+    `run_all` does the rest (the model stays in memory on the returned object; `release` drops the lock).
 
-    Everything that can be checked (method options, data, model) is checked before the run directory is
-    created, so bad input never leaves a half-written run behind."""
+    Everything that can be checked (method options, data, output folder, model, LoRA targets) is checked
+    before the run directory is emptied or written, so bad input never leaves a half-written run behind,
+    nor destroys what was there."""
     distributed.init()
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)
-    loaded = load_model(
-        config.model.name,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        cache_dir=config.model.cache_dir,
-    )
     run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
     run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
     if not resume:
-        distributed.on_main(lambda: write_config(prepare_run_dir(run_dir, overwrite), config))
+        distributed.on_main(lambda: check_output_dir(run_dir, overwrite))
+    lock = FolderLock(run_dir, "run directory")
+    distributed.on_main(lambda: _lock_run_dir(lock))
+    try:
+        with stop_at_once("loading the model"):
+            loaded = load_model(
+                config.model.name,
+                dtype=config.model.dtype,
+                device=config.model.device,
+                cache_dir=config.model.cache_dir,
+            )
+            check_lora_targets(loaded.model, config.lora)
+            cl = ContinualRun(config, method, tasks, loaded, run_dir, lock=lock)
+        if not resume:
+            distributed.on_main(lambda: write_config(prepare_run_dir(run_dir, overwrite), config))
+    except BaseException:
+        lock.release(discard_created=True)
+        raise
     say(
         f"run directory: {run_dir}\n"
         f"method {method.name} on {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}"
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
         + (f", {distributed.world_size()} processes" if distributed.active() else "")
     )
-    return ContinualRun(config, method, tasks, loaded, run_dir)
+    return cl
+
+
+def _lock_run_dir(lock: FolderLock) -> None:
+    """Take the run directory's lock (main process), saying when a dead run's lock was taken over, and
+    clear the temporaries such a run left behind."""
+    try:
+        lock.acquire()
+    except OSError as exc:  # a read-only or unwritable place: nothing can be written there
+        reason = write_failure_reason(exc)
+        raise ConfigError(f"output: cannot create or lock {lock.folder} ({reason})") from exc
+    if lock.took_over is not None:
+        say(f"note: {lock.path} was left by process {lock.took_over}, which is gone; taken over")
+    for folder in (lock.folder, lock.folder / CHECKPOINT_DIR):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)

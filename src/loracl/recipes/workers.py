@@ -24,8 +24,10 @@ from typing import Any
 
 from loracl.engine.interrupt import requested_signal, stop_on_signals
 from loracl.errors import RunInterrupted
+from loracl.locking import FolderBusy, busy_owner
 
 EXIT_FAILED = 1
+EXIT_BUSY = 75  # sysexits EX_TEMPFAIL: another process runs the cell (holds its lock); left to it
 EXIT_INTERRUPTED = RunInterrupted.exit_code
 RunCell = Callable[[Any], "str | None"]  # bench.run_cell: a cell -> None, or its error's one-line summary
 
@@ -41,7 +43,7 @@ class Job:
 
 @dataclass
 class Outcome:
-    status: str  # ok, failed, interrupted
+    status: str  # ok, failed, interrupted, busy (another process runs the cell)
     error: str = ""
     seconds: float = 0.0
 
@@ -64,6 +66,8 @@ def _worker(run_cell: RunCell, job: Job, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+    if busy_owner(job.path):  # another bench runs this cell: its log is not ours to truncate
+        sys.exit(EXIT_BUSY)
     job.path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path(job.path), "w", buffering=1, encoding="utf-8") as log:
         sys.stdout = sys.stderr = log
@@ -71,6 +75,9 @@ def _worker(run_cell: RunCell, job: Job, threads: int | None) -> None:
             error = run_cell(job.cell)
         except RunInterrupted:
             sys.exit(EXIT_INTERRUPTED)
+        except FolderBusy as exc:
+            print(f"skipped: {exc}")
+            sys.exit(EXIT_BUSY)
         except BaseException as exc:  # noqa: BLE001  (whatever it was, the parent must learn the cell failed)
             print(f"{type(exc).__name__}: {exc}")
             sys.exit(EXIT_FAILED)
@@ -82,6 +89,8 @@ def _outcome(exit_code: int | None, seconds: float, recorded_error: str | None, 
         return Outcome("ok", seconds=seconds)
     if exit_code == EXIT_INTERRUPTED:
         return Outcome("interrupted", seconds=seconds)
+    if exit_code == EXIT_BUSY:
+        return Outcome("busy", "being run by another process", seconds)
     if recorded_error:  # the cell's own error, written by run_cell
         return Outcome("failed", recorded_error, seconds)
     if stopping:  # ended by the stop before it could stop cleanly (e.g. still starting up)
@@ -150,6 +159,8 @@ def _announce(job: Job, outcome: Outcome) -> None:
         print(f"{job.head}: finished in {outcome.seconds:.0f} s", flush=True)
     elif outcome.status == "interrupted":
         print(f"{job.head}: stopped (continues from its checkpoint next time)", flush=True)
+    elif outcome.status == "busy":
+        print(f"{job.head}: skipped: being run by another process (see {log_path(job.path)})", flush=True)
     else:
         print(f"{job.head}: FAILED: {outcome.error} (see {log_path(job.path)})", flush=True)
 
