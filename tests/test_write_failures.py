@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -120,3 +121,20 @@ def test_injected_write_failures_are_one_line(
     monkeypatch.undo()
     assert tree_digest(out / "checkpoint") == intact
     assert main(["run", "--resume", "--output", str(out)]) == 0
+
+
+def test_temporaries_of_killed_writes_are_cleared_on_resume(tmp_path: Path) -> None:
+    """write_json_atomic's `<name>.<pid>.tmp` left by a process killed before its rename: removed when the
+    run is taken up again; a live process's temporary is not touched."""
+    out = tmp_path / "run"
+    assert main(run_args(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    results["complete"] = False
+    (out / "results.json").write_text(json.dumps(results))
+    dead = [out / "results.json.999999999.tmp", out / "checkpoint" / "latest.json.999999999.tmp"]
+    live = out / f"results.json.{os.getppid()}.tmp"  # a live process other than this one
+    for path in [*dead, live]:
+        path.write_text("{")
+    assert main(["run", "--resume", "--output", str(out)]) == 0
+    assert not any(path.exists() for path in dead)
+    assert live.exists()
