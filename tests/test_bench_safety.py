@@ -136,3 +136,13 @@ def test_a_damaged_cell_results_json_is_reported_not_fatal(
     assert main(["bench", "--report-only", str(grid)]) == 0
     rows = (grid / "bench.csv").read_text()
     assert "seq_lora" in rows and ",ok," not in rows
+
+
+def test_a_bench_never_writes_into_a_users_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    (folder / "bench.md").write_text("my own notes")
+    before = tree_digest(tmp_path)
+    assert main(bench_args(folder)) == 2
+    assert "not a loracl bench directory" in one_line(capsys)
+    assert tree_digest(tmp_path) == before

@@ -290,6 +290,18 @@ def write_manifest(output: Path, label: str, command: str, cells: list[Cell]) ->
     runner.write_json_atomic(manifest, output / MANIFEST)
 
 
+def check_bench_dir(output: Path) -> None:
+    """A bench writes bench.md/.csv/.png/.json and one folder per method into --output: it must be absent,
+    empty, or a bench directory already (a rerun), never a user's folder whose files those would replace."""
+    if (output.exists() or output.is_symlink()) and not output.is_dir():
+        raise ConfigError(f"--output: {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
+        raise ConfigError(
+            f"--output: {output} is not empty and is not a loracl bench directory (no {MANIFEST}); choose "
+            "another --output"
+        )
+
+
 def run_grid(
     config_path: str | None,
     methods: str,
@@ -304,6 +316,7 @@ def run_grid(
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, not {jobs}")
     output = Path(output)
+    check_bench_dir(output)
     label = label or output.name
     method_specs, order_specs = parse_grid(methods, orders)
     base = load_config_data(config_path, list(overrides))
