@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from loracl.engine.evaluation import exact_match, normalize, rouge_l
 from loracl.engine.metrics import (
     all_metrics,
     average_performance,
@@ -12,6 +11,7 @@ from loracl.engine.metrics import (
     forgetting,
     forward_transfer,
 )
+from loracl.engine.scoring import exact_match, normalize_answer, rouge_l, score, strip_token
 
 # a[i][j]: score on task j after training task i (T = 3)
 MATRIX = [
@@ -66,17 +66,44 @@ def test_non_square_matrix_is_rejected():
         average_performance([[1.0, 2.0]])
 
 
-def test_normalize_and_exact_match():
-    assert normalize("  Company.</s>", "</s>") == "company"
+def test_normalize_and_exact_match_as_superni_computes_them():
+    """SuperNI's compute_metrics: lower-case, every punctuation character dropped, whitespace collapsed."""
+    assert normalize_answer("  Company.") == "company"
+    assert strip_token("Company.</s>", "</s>") == "Company."
+    assert (
+        normalize_answer("Business & Finance")
+        == normalize_answer("business  &  finance")
+        == "business finance"
+    )
+    assert exact_match("Business & Finance", ["business  & finance"]) == 1.0
     assert exact_match(" Written Work!", ["Written Work"]) == 1.0
+    assert exact_match("Written-Work", ["writtenwork"]) == 1.0  # the hyphen goes, it is not a space
+    assert exact_match("the answer", ["answer"]) == 0.0  # articles are kept (commented out upstream)
     assert exact_match("Artist", ["Athlete"]) == 0.0
     assert exact_match("yes", ["no", "Yes"]) == 1.0  # any reference
 
 
-def test_rouge_l_f1():
-    assert rouge_l("the cat sat", ["the cat sat"]) == pytest.approx(1.0)
-    # LCS("the cat", "the black cat") = 2; P = 1, R = 2/3, F = 0.8
-    assert rouge_l("the cat", ["the black cat"]) == pytest.approx(0.8)
-    assert rouge_l("dog", ["the cat"]) == 0.0
-    assert rouge_l("", ["x"]) == 0.0
-    assert rouge_l("a b", ["x", "a b"]) == pytest.approx(1.0)  # best reference
+# (prediction, reference, ROUGE-L F in percent from rouge-score 0.1.2, RougeScorer(["rougeL"],
+# use_stemmer=True), as SuperNI's compute_metrics calls it)
+ROUGE_REFERENCE = [
+    ("hello world", "Hello, world", 100.0),  # 50.0 with loracl's former whitespace-token ROUGE
+    ("the dog runs", "The dogs were running.", 85.714),  # stems: dog/dog, run/run; 28.6 formerly
+    ("the cat", "the black cat", 80.0),
+    ("dog", "the cat", 0.0),
+    ("", "x", 0.0),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "expected"), ROUGE_REFERENCE)
+def test_rouge_l_matches_the_reference_implementation(
+    prediction: str, reference: str, expected: float
+) -> None:
+    assert 100 * rouge_l(prediction, [reference]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_rouge_l_takes_the_best_reference_and_score_dispatches():
+    assert rouge_l("a b", ["x", "a b"]) == pytest.approx(1.0)
+    assert score("The dogs.", ["the dog", "cat"], "rouge_l") == pytest.approx(1.0)
+    assert score("The dogs.", ["the dogs"], "exact_match") == 1.0
+    with pytest.raises(ValueError, match="unknown metric"):
+        score("a", ["a"], "bleu")

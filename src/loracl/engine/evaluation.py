@@ -1,12 +1,9 @@
-"""Evaluation: batched greedy generation (KV cache, left padding) and the scores of METHODS.md.
-
-Score: exact match after normalisation for classification tasks, ROUGE-L F for generation tasks; the best
-over a task's references; averaged per task, in percent.
+"""Evaluation: batched greedy generation (KV cache, left padding), each answer scored with its task's metric
+(loracl.engine.scoring: exact match or ROUGE-L as the field computes them), averaged per task, in percent.
 """
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,54 +11,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loracl.config import RunConfig
-from loracl.data import Example, Task
+from loracl.data import Task
 from loracl.data.text import PromptEncoder
 from loracl.engine import distributed
 from loracl.engine.interrupt import check_interrupt
 from loracl.engine.progress import progress
-
-_TRAILING = string.punctuation + " \t\n"
-
-
-def normalize(text: str, eos_token: str | None = None) -> str:
-    """Strip, lower-case, drop the end-of-sequence token and trailing punctuation."""
-    if eos_token:
-        text = text.replace(eos_token, "")
-    return text.strip().lower().rstrip(_TRAILING)
-
-
-def exact_match(prediction: str, references: Sequence[str], eos_token: str | None = None) -> float:
-    pred = normalize(prediction, eos_token)
-    return float(any(pred == normalize(ref, eos_token) for ref in references))
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(prediction: str, references: Sequence[str], eos_token: str | None = None) -> float:
-    """ROUGE-L F1 on whitespace tokens of the normalised strings, best over references."""
-    pred = normalize(prediction, eos_token).split()
-    best = 0.0
-    for ref in references:
-        target = normalize(ref, eos_token).split()
-        lcs = _lcs_length(pred, target)
-        if lcs:
-            precision, recall = lcs / len(pred), lcs / len(target)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
-
-
-def score(prediction: str, example: Example, metric: str, eos_token: str | None = None) -> float:
-    if metric == "exact_match":
-        return exact_match(prediction, example.answers, eos_token)
-    return rouge_l(prediction, example.answers, eos_token)
+from loracl.engine.scoring import score, strip_token
 
 
 @dataclass
@@ -141,7 +96,10 @@ class Evaluator:
         prompts = [self.encoder.prompt_ids(ex.prompt, reserve=budget)[0] for ex in task.test]
         predictions = self.generate(model, prompts, budget)
         eos = self.tokenizer.eos_token
-        scores = [score(p, ex, task.metric, eos) for p, ex in zip(predictions, task.test, strict=True)]
+        scores = [
+            score(strip_token(p, eos), ex.answers, task.metric)
+            for p, ex in zip(predictions, task.test, strict=True)
+        ]
         return TaskResult(100.0 * sum(scores) / len(scores), predictions)
 
     def evaluate_all(self, model: torch.nn.Module, tasks: Sequence[Task], description: str) -> list[float]:
