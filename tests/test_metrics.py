@@ -10,6 +10,7 @@ from loracl.engine.metrics import (
     backward_transfer,
     forgetting,
     forward_transfer,
+    other_conventions,
 )
 from loracl.engine.scoring import exact_match, normalize_answer, rouge_l, score, strip_token
 
@@ -107,3 +108,15 @@ def test_rouge_l_takes_the_best_reference_and_score_dispatches():
     assert score("The dogs.", ["the dogs"], "exact_match") == 1.0
     with pytest.raises(ValueError, match="unknown metric"):
         score("a", ["a"], "bleu")
+
+
+def test_other_conventions_on_a_known_matrix():
+    """GainLoRA's score.py: BWT divided by T (the last task's 0 difference included), mean diagonal."""
+    matrix = [[80.0, 0.0, 0.0], [70.0, 60.0, 0.0], [50.0, 45.0, 90.0]]
+    # METHODS.md: ((50 - 80) + (45 - 60)) / 2 = -22.5; score.py: (-30 - 15 + 0) / 3 = -15
+    assert backward_transfer(matrix) == pytest.approx(-22.5)
+    assert other_conventions(matrix) == {
+        "BWT_over_T": pytest.approx(-15.0),
+        "mean_diagonal": pytest.approx(230 / 3),
+    }
+    assert other_conventions(matrix, sequential=False) == {"BWT_over_T": None, "mean_diagonal": None}

@@ -70,6 +70,30 @@ def forgetting(matrix: Matrix) -> float | None:
     return _mean([_difference(best_before[j], matrix[-1][j]) for j in range(T - 1)])
 
 
+def backward_transfer_over_t(matrix: Matrix) -> float | None:
+    """BWT as GainLoRA's and SAPT's score.py compute it: the same differences summed over every task
+    j <= T (the last one's is 0) and divided by T, so |BWT| is (T-1)/T of METHODS.md's."""
+    T = _check(matrix)
+    if T < 2:
+        return None
+    return _mean([_difference(matrix[-1][j], matrix[j][j]) for j in range(T)])
+
+
+def mean_diagonal(matrix: Matrix) -> float | None:
+    """(1/T) sum_j a[j][j]: the score on each task right after learning it, what GainLoRA's score.py
+    reports as FWT (less a constant baseline that is 0 in its released scripts)."""
+    T = _check(matrix)
+    return _mean([matrix[j][j] for j in range(T)])
+
+
+def other_conventions(matrix: Matrix, sequential: bool = True) -> dict[str, float | None]:
+    """The metrics some papers compute differently from METHODS.md (reported beside the headline ones,
+    labelled, never instead of them): BWT over T and the mean diagonal of GainLoRA's score.py."""
+    if not sequential:
+        return {"BWT_over_T": None, "mean_diagonal": None}
+    return {"BWT_over_T": backward_transfer_over_t(matrix), "mean_diagonal": mean_diagonal(matrix)}
+
+
 def all_metrics(
     matrix: Matrix, zero_shot: Sequence[float] | None, sequential: bool = True
 ) -> dict[str, float | None]:

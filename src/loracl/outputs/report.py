@@ -116,6 +116,18 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _other_conventions_line(results: dict[str, Any]) -> str:
+    """The same matrix under the conventions of GainLoRA's score.py, labelled as such (not our headline)."""
+    other = results.get("metrics_other_conventions") or {}
+    if not other or all(v is None for v in other.values()):
+        return ""
+    bwt, diagonal = _fmt(other.get("BWT_over_T")), _fmt(other.get("mean_diagonal"))
+    return (
+        f"Other conventions (GainLoRA's score.py): BWT over T instead of T - 1 {bwt}; its \"FWT\", the "
+        f"mean of a[j][j], {diagonal}.\n"
+    )
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     m = results["metrics"]
     per_task = results["per_task"]
@@ -147,6 +159,7 @@ Method options: {options}.
 
 AP = mean score on all tasks after the last one; BWT = mean change on earlier tasks since they were learned;
 FWT = score on the next task before training on it, minus the base model's; see METHODS.md.
+{_other_conventions_line(results)}
 
 ## Accuracy matrix
 

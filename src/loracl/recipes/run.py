@@ -32,7 +32,7 @@ from loracl.data import Task, load_tasks
 from loracl.engine import distributed
 from loracl.engine.evaluation import make_evaluator
 from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
-from loracl.engine.metrics import all_metrics
+from loracl.engine.metrics import all_metrics, other_conventions
 from loracl.engine.training import NonFiniteTraining, TrainStats, train_task
 from loracl.errors import CheckpointError, ConfigError, RunInterrupted
 from loracl.files import (
@@ -506,7 +506,9 @@ class ContinualRun:
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
         distributed.on_main(lambda: self.method.export(self.model, self.run_dir / "adapter"))
-        r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=not self.method.joint_training)
+        sequential = not self.method.joint_training
+        r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=sequential)
+        r["metrics_other_conventions"] = other_conventions(r["matrix"], sequential=sequential)
         t = r["timings"]
         t["train_total"] = sum(t["train"])
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
