@@ -17,7 +17,8 @@ from loracl.methods import available_methods
 from loracl.methods.slao import interpolate, merge_weight, orthogonal_init
 from loracl.models.base_model import tiny_random_llama
 from loracl.models.lora import LoraPair
-from loracl.outputs.deploy import export, predict, resolve_source
+from loracl.outputs.deploy import predict, resolve_source
+from loracl.outputs.export import export
 from loracl.recipes.run import run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

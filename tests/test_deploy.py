@@ -71,6 +71,7 @@ def test_export_writes_the_stock_peft_adapter(slao, tmp_path):
     assert sorted(p.name for p in target.iterdir() if p.suffix in (".json", ".safetensors")) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "loracl_export.json",  # the export marker: PEFT, transformers and vLLM ignore unknown files
     ]
     base, _ = tiny_random_llama()
     assert_same_model(slao, PeftModel.from_pretrained(base, str(target)).eval())

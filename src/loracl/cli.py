@@ -93,14 +93,20 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "into its weights (safetensors + config + tokenizer), loadable by transformers alone.",
     )
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
+    p.add_argument(
+        "--to", required=True, metavar="DIR", help="folder to create (absent or empty; outside the run)"
+    )
     p.add_argument("--merge", action="store_true", help="merge the adapter(s) into the base model's weights")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export (a folder holding loracl_export.json)",
+    )
     p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from loracl.outputs.deploy import export
+    from loracl.outputs.export import export
 
     target = export(args.run_dir, args.to, merge=args.merge, overwrite=args.overwrite)
     kind = "merged model (transformers folder)" if args.merge else "adapter"
@@ -136,25 +142,40 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="benchmark data folder")
     p.add_argument("--max-test", type=int, help="cap on test examples per task")
     p.add_argument(
-        "--output", "-o", help="results file (default: RUN_DIR/eval.json, or eval.json here for an adapter)"
+        "--output",
+        "-o",
+        help="results file (default: RUN_DIR/eval.json, or eval.json here for an adapter); an existing file "
+        "is replaced only if it is an earlier eval result",
     )
     _source_arguments(p)
     p.set_defaults(handler=_cmd_eval)
 
 
 def _eval_overrides(args: argparse.Namespace) -> list[str]:
-    """The benchmark options of `loracl eval` as config overrides (applied after --set)."""
+    """The benchmark options of `loracl eval` as config overrides (applied after --set). Values travel as
+    quoted literals, never as YAML: `--tasks no` is the task "no", a --data-dir may hold ": "."""
+    from loracl.outputs.deploy import assignment
+
+    from .errors import ConfigError
+
     overrides = list(args.overrides)
-    if args.benchmark:
-        overrides.append(f"benchmark.name={args.benchmark}")
-    if args.order:
-        overrides += [f"benchmark.order={args.order}", "benchmark.tasks=null"]
-    if args.tasks:
-        overrides.append(f"benchmark.tasks=[{args.tasks}]")
-    if args.data_dir:
-        overrides.append(f"benchmark.data_dir={args.data_dir}")
-    if args.max_test:
-        overrides.append(f"benchmark.max_test={args.max_test}")
+    if args.benchmark is not None:
+        overrides.append(assignment("benchmark.name", args.benchmark))
+    if args.order is not None:
+        overrides += [assignment("benchmark.order", args.order), "benchmark.tasks=null"]
+    if args.tasks is not None:
+        tasks = [name.strip() for name in args.tasks.split(",")]
+        if not all(tasks):
+            raise ConfigError(
+                f"--tasks: an empty task name in {args.tasks!r}; give names separated by commas"
+            )
+        overrides.append(assignment("benchmark.tasks", tasks))
+    if args.data_dir is not None:
+        overrides.append(assignment("benchmark.data_dir", args.data_dir))
+    if args.max_test is not None:
+        if args.max_test <= 0:
+            raise ConfigError(f"--max-test: must be a positive number of examples (got {args.max_test})")
+        overrides.append(assignment("benchmark.max_test", args.max_test))
     return overrides
 
 

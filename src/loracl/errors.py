@@ -27,6 +27,11 @@ class AdapterMismatchError(LoraclError):
     """An adapter does not fit the base model (other architecture, layer shapes or rank)."""
 
 
+class RunFolderError(LoraclError):
+    """A run or adapter folder is damaged: a file of it is missing, unreadable, truncated or inconsistent with
+    the others (the message names the file)."""
+
+
 class RunInterrupted(LoraclError):
     """SIGINT or SIGTERM stopped a run between two training or evaluation steps; the checkpoint is kept."""
 

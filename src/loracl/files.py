@@ -110,8 +110,9 @@ def read_text_limited(path: Path, limit: int | None = None) -> str:
 
 
 def read_json_limited(path: Path, limit: int | None = None) -> Any:
-    """A JSON file read through read_text_limited; syntax errors, nesting too deep and lone surrogates in
-    strings are UnsafeFileError with one line."""
+    """A JSON file read through read_text_limited; syntax errors and nesting too deep are UnsafeFileError
+    with one line. Strings may still hold lone surrogates (JSON's "\ud800" escape): callers that pass text
+    on check it with first_lone_surrogate."""
     text = read_text_limited(path, limit)
     try:
         data = json.loads(text)

@@ -17,6 +17,10 @@ Generic hooks with do-nothing defaults, for methods that need them:
 - `restore(model, directory, manifest)` (class method): re-creates, on a model loaded from an exported
   multi-adapter `adapter/` folder, the extra state the method exported beside the PEFT adapters
   (`loracl.outputs.loading.load_adapter` calls it; see `loracl.models.multi_lora` for the layout).
+  `manifest_extra` names the manifest's `extra` keys that state takes, and `check_extra(directory,
+  manifest)` (class method) refuses, before any model is loaded, a manifest whose `extra` does not hold
+  exactly those keys (a manifest edited to another method would otherwise drop or ignore the state
+  silently); a method with extra state extends it to check the files and values themselves.
 
 Inside a training step the loop also calls `augment_batch` (add examples to the step's batch before it is
 collated, e.g. replayed memory) and, once the gradient of an optimizer step is complete (after gradient
@@ -60,9 +64,10 @@ from transformers import PreTrainedModel
 from loracl.data.text import Encoded
 from loracl.methods.context import TaskContext
 from loracl.models.lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
+from loracl.models.multi_lora import MANIFEST, short
 
 from ..config import LoraSection
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, RunFolderError
 
 Role = Literal["continual", "upper_bound", "reference"]
 
@@ -86,6 +91,7 @@ class ContinualMethod:
     merge_obstacle: ClassVar[str | None] = None  # why `export --merge` is impossible; None: it is fine
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     state_attributes: ClassVar[tuple[str, ...]] = ()  # attributes kept between tasks (checkpointed)
+    manifest_extra: ClassVar[tuple[str, ...]] = ()  # keys of the manifest's "extra" that `restore` reads
 
     def __init__(self, options: MethodOptions, lora: LoraSection) -> None:
         self.options = options
@@ -140,6 +146,19 @@ class ContinualMethod:
     def export(self, model: PeftModel, directory: Path) -> None:
         """Write the final model's adapter(s) in stock PEFT format."""
         save_adapter(model, directory, DEFAULT_ADAPTER)
+
+    @classmethod
+    def check_extra(cls, directory: Path, manifest: dict[str, Any]) -> None:
+        """Refuse (RunFolderError) a multi-adapter manifest (read by `read_manifest`) whose `extra` is not
+        what this method's `restore` needs: by default, exactly the keys of `manifest_extra`."""
+        found, wanted = set(manifest["extra"]), set(cls.manifest_extra)
+        if found != wanted:
+            where = f"{Path(directory) / MANIFEST}: method {cls.name!r}"
+            if found - wanted:
+                raise RunFolderError(f"{where} does not use the extra state {short(sorted(found - wanted))}")
+            raise RunFolderError(
+                f"{where} needs the extra state {short(sorted(wanted - found))}, which is missing"
+            )
 
     @classmethod
     def restore(cls, model: PeftModel, directory: Path, manifest: dict[str, Any]) -> None:

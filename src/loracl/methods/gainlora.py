@@ -26,12 +26,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from loracl.engine.training import IGNORE
+from loracl.errors import AdapterMismatchError, RunFolderError
 from loracl.methods.context import TaskContext
-from loracl.models.multi_lora import layer_map, task_adapter, task_adapters
+from loracl.models.multi_lora import MANIFEST, layer_map, read_tensors, short, task_adapter, task_adapters
 from loracl.models.subspace import gpm_threshold, gpm_update, project_off, vector_gram
 
 from .base import register
@@ -161,6 +162,7 @@ class GainLoRA(InfLoRA):
     Options = GainLoRAOptions
     options: GainLoRAOptions
     state_attributes = (*InfLoRA.state_attributes, "gate_basis")
+    manifest_extra = ("gates", "gate_dim", "gate_hidden", "gate_count")  # what export_extra writes
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)
@@ -248,12 +250,58 @@ class GainLoRA(InfLoRA):
         return {"gates": GATES_FILE, "gate_dim": bank.dim, "gate_hidden": bank.hidden, "gate_count": count}
 
     @classmethod
+    def check_extra(cls, directory: Path, manifest: dict[str, Any]) -> None:
+        """Besides the keys: one gate per adapter, and a gates file whose tensors are exactly those gates."""
+        super().check_extra(directory, manifest)
+        cls._read_gates(directory, manifest)
+
+    @classmethod
+    def _read_gates(cls, directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The gate tensors of an exported folder, checked against the manifest (RunFolderError otherwise)."""
+        extra, where = manifest["extra"], Path(directory) / MANIFEST
+        if extra["gates"] != GATES_FILE:  # the only name export writes; any other could point anywhere
+            raise RunFolderError(f"{where}: extra.gates is {short(extra['gates'])}, expected {GATES_FILE!r}")
+        for key in ("gate_dim", "gate_hidden", "gate_count"):
+            if type(extra[key]) is not int or extra[key] <= 0:
+                raise RunFolderError(
+                    f"{where}: extra.{key} is {short(extra[key])}, expected a positive integer"
+                )
+        count, tasks = extra["gate_count"], len(manifest["adapters"])
+        if count != tasks:
+            raise RunFolderError(f"{where}: {count} gates for {tasks} adapters (one per task)")
+        path = Path(directory) / GATES_FILE
+        gates = read_tensors(path)
+        expected = {k: list(v.shape) for k, v in cls._gate_bank(extra, "meta").state_dict().items()}
+        found = {k: list(v.shape) for k, v in gates.items()}
+        if found != expected:
+            key = next(k for k in sorted(found.keys() | expected.keys()) if found.get(k) != expected.get(k))
+            raise RunFolderError(
+                f"{path}: does not hold the {extra['gate_count']} gates the manifest describes "
+                f"({short(key)}: {found.get(key)} in the file, {expected.get(key)} expected)"
+            )
+        return gates
+
+    @staticmethod
+    def _gate_bank(extra: dict[str, Any], device: str | None = None) -> GateBank:
+        """A GateBank shaped as `extra` describes (on the meta device: shapes only, no memory)."""
+        with torch.device(device) if device else contextlib.nullcontext():
+            bank = GateBank(extra["gate_dim"], extra["gate_hidden"])
+            for _ in range(extra["gate_count"]):
+                bank.add_gate()
+        return bank
+
+    @classmethod
     def restore(cls, model: PeftModel, directory: Path, manifest: dict[str, Any]) -> None:
         extra = manifest["extra"]
-        bank = GateBank(extra["gate_dim"], extra["gate_hidden"])
-        for _ in range(extra["gate_count"]):
-            bank.add_gate()
-        bank.load_state_dict(load_file(str(Path(directory) / extra["gates"])))
+        gates = cls._read_gates(directory, manifest)
+        dim = model.get_base_model().get_input_embeddings().weight.shape[1]
+        if extra["gate_dim"] != dim:
+            raise AdapterMismatchError(
+                f"{Path(directory) / MANIFEST}: gates of input size {extra['gate_dim']}, but the base "
+                f"model's embeddings have size {dim} (another base model)"
+            )
+        bank = cls._gate_bank(extra)
+        bank.load_state_dict(gates)
         bank.requires_grad_(False)
         bank.to(next(model.parameters()).device)
         setattr(model, ATTRIBUTE, bank)

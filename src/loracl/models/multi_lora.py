@@ -15,18 +15,22 @@ Export layout of a multi-adapter run's `adapter/` folder (read back by `loracl.o
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from peft import PeftModel
 
 from loracl.config import LoraSection
+from loracl.errors import RunFolderError
+from loracl.files import UnsafeFileError, read_bytes_limited, read_json_limited, write_json_atomic
 from loracl.models.lora import lora_layers, peft_config, save_adapter
 
 MANIFEST = "loracl_adapter.json"
 FORMAT = "loracl-multi-lora"
+VERSION = 1
 
 
 def task_adapter(index: int) -> str:
@@ -67,15 +71,81 @@ def save_task_adapters(
     names = task_adapters(model)
     for name in names:
         save_adapter(model, directory / name, name)
-    manifest = {"format": FORMAT, "version": 1, "method": method, "adapters": names, "extra": extra or {}}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "adapters": names,
+        "extra": extra or {},
+    }
+    write_json_atomic(manifest, directory / MANIFEST)  # never a torn manifest beside complete adapters
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The validated manifest of a multi-adapter folder; None when the folder has none (a plain PEFT folder).
+
+    Refused with one RunFolderError line naming the file: unreadable or non-JSON content, another format or
+    version, no adapters, adapter names that are not task1..taskN (a name with a path separator or `..`
+    would point outside the folder; other names would not be activated by `activate_all`), a method name or
+    `extra` of the wrong type. Whether the method exists and what `extra` must hold is the method's to say
+    (`loracl.outputs.loading`)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown adapter format {manifest.get('format')!r}")
+    try:
+        manifest = read_json_limited(path)
+    except UnsafeFileError as exc:
+        raise RunFolderError(str(exc)) from None
+    if not isinstance(manifest, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT or type(version) is not int or version != VERSION:
+        found = f"format {short(manifest.get('format'))}, version {short(version)}"
+        raise RunFolderError(
+            f"{path}: unknown adapter format ({found}; expected {FORMAT!r}, version {VERSION})"
+        )
+    if not isinstance(manifest.get("method"), str) or not manifest["method"]:
+        raise RunFolderError(f"{path}: 'method' must be a method name")
+    if not isinstance(manifest.setdefault("extra", {}), dict):
+        raise RunFolderError(f"{path}: 'extra' must be a JSON object")
+    _check_adapter_names(path, manifest.get("adapters"))
     return manifest
+
+
+def _check_adapter_names(path: Path, names: Any) -> None:
+    if not isinstance(names, list) or not names:
+        raise RunFolderError(f"{path}: 'adapters' must be a non-empty list of adapter folder names")
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise RunFolderError(
+                f"{path}: adapter name {short(name)} is not a folder name inside the adapter folder"
+            )
+        if name in seen:
+            raise RunFolderError(f"{path}: adapter {short(name)} is listed twice")
+        seen.add(name)
+    for index, name in enumerate(names, start=1):
+        if name != task_adapter(index):
+            raise RunFolderError(
+                f"{path}: adapter {index} is {short(name)}; expected task1..task{len(names)} in order"
+            )
+
+
+def read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file of an adapter folder (adapters, GainLoRA's gates), read whole so
+    that a truncated or empty file is one RunFolderError line instead of a torn model later (`data`: the
+    file's bytes, when the caller has read them already)."""
+    try:
+        return safetensors.torch.load(read_bytes_limited(path) if data is None else data)
+    except UnsafeFileError as exc:
+        raise RunFolderError(str(exc)) from None
+    except Exception as exc:  # a torn header or data: SafetensorError, or OSError/ValueError from torch
+        raise RunFolderError(
+            f"{path}: not a readable safetensors file (truncated?): {short(exc, 120)}"
+        ) from None
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr() of a value read from a file, cut to `limit` characters: error lines stay short and single."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,36 +1,62 @@
-"""Use what a run produced: export its adapter (or the base model with it merged in), evaluate a saved adapter
-on any tasks, and generate with the final model (`loracl export`, `loracl eval`, `loracl predict`).
+"""Use what a run produced: evaluate its final model on any tasks and generate with it (`loracl eval`,
+`loracl predict`); `Source` and `resolve_source` say where a final model comes from (also for
+`loracl.outputs.export`).
 
 The source is a run directory (its config.yaml says which base model and prompt settings to use) or an
 adapter folder alone (the base model is then the one its adapter_config.json names, or `--model`). The model
 is rebuilt exactly as the run evaluated it: `loracl.models.base_model.load_model` +
 `loracl.outputs.loading.load_adapter`.
+
+Neither destroys a user's file: `eval -o` replaces only an earlier eval file.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from peft import PeftModel
 
 from loracl import __version__
-from loracl.config import RunConfig, load_config
+from loracl.config import ModelSection, RunConfig, load_config
 from loracl.data import load_tasks
 from loracl.engine import distributed
 from loracl.engine.evaluation import make_evaluator
-from loracl.errors import ConfigError
-from loracl.files import write_json_atomic
-from loracl.methods import method_class
+from loracl.errors import ConfigError, RunFolderError
+from loracl.files import (
+    UnsafeFileError,
+    first_lone_surrogate,
+    read_json_limited,
+    read_text_limited,
+    write_json_atomic,
+)
+from loracl.methods import available_methods
 from loracl.models.base_model import LoadedModel, load_model
-from loracl.models.multi_lora import read_manifest
-from loracl.outputs.loading import load_adapter
+from loracl.models.multi_lora import MANIFEST, read_manifest, short
+from loracl.outputs.loading import AdapterFolder, load_adapter, read_adapter_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
+RESULTS = "results.json"
+DTYPES = get_args(ModelSection.model_fields["dtype"].annotation)
+NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+EVAL_KEYS = ("tasks", "scores", "predictions")  # what marks a file as an earlier `loracl eval` output
+
+
+def assignment(key: str, value: Any) -> str:
+    """A `--set`-style `key=value` whose value reads back (through YAML) as exactly `value`: a JSON literal,
+    with every character outside printable ASCII escaped (YAML double-quoted strings take \\u and \\U
+    escapes), so that a task called `no` stays a string and a path with ": " is no YAML mapping."""
+
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+    return f"{key}={NOT_PRINTABLE_ASCII.sub(escape, json.dumps(value, ensure_ascii=False))}"
 
 
 @dataclass
@@ -46,46 +72,77 @@ class Source:
     def multi_adapter(self) -> bool:
         return read_manifest(self.adapter_dir) is not None
 
+    @property
+    def root(self) -> Path:
+        """The folder the source consists of: the run directory, or the adapter folder alone."""
+        return self.run_dir or self.adapter_dir
+
 
 def _is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() or read_manifest(path) is not None
 
 
-def _recorded_base(adapter_dir: Path) -> str:
+def _recorded_base(folder: AdapterFolder) -> str:
     """The base model an adapter folder names (a multi-adapter folder: its first task adapter's)."""
-    manifest = read_manifest(adapter_dir)
-    folder = adapter_dir / manifest["adapters"][0] if manifest else adapter_dir
-    settings = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    recorded = settings.get("base_model_name_or_path")
-    if not recorded:
-        raise ConfigError(f"{folder / ADAPTER_CONFIG} names no base model; pass --model")
+    first = next(iter(folder.adapters.values()))
+    recorded = first.config.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded:
+        raise ConfigError(f"{first.directory / ADAPTER_CONFIG} names no base model; pass --model")
     return recorded
 
 
-def _run_results(run_dir: Path) -> dict[str, Any]:
-    results = run_dir / "results.json"
-    return json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+def read_run_results(run_dir: Path) -> dict[str, Any]:
+    """A run's results.json ({} when there is none), with the keys deploy reads checked: `method` a known
+    method, `base_dtype` a dtype."""
+    path = run_dir / RESULTS
+    if not os.path.lexists(path):
+        return {}
+    try:
+        results = read_json_limited(path)
+    except UnsafeFileError as exc:
+        raise RunFolderError(str(exc)) from None
+    if not isinstance(results, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    method = results.get("method")
+    if method is not None and (not isinstance(method, str) or method not in available_methods()):
+        raise RunFolderError(f"{path}: unknown method {short(method)}")
+    if results.get("base_dtype") not in (None, *DTYPES):
+        raise RunFolderError(f"{path}: base_dtype {short(results['base_dtype'])} is none of {DTYPES}")
+    return results
 
 
-def _run_method(run_dir: Path) -> str | None:
-    return _run_results(run_dir).get("method")
+def _run_method(run_dir: Path, folder: AdapterFolder, method: str | None) -> str | None:
+    """The method of a run: its results.json's, which the adapter's manifest (if any) must name too."""
+    if folder.manifest is None:
+        return method
+    if method is not None and folder.manifest["method"] != method:
+        raise RunFolderError(
+            f"{folder.directory / MANIFEST}: method {short(folder.manifest['method'])}, but "
+            f"{run_dir / RESULTS} says the run used {method!r}"
+        )
+    return folder.manifest["method"]
 
 
 def resolve_source(path: str | Path, overrides: list[str] = (), model: str | None = None) -> Source:
-    """A run directory or an adapter folder -> Source. `overrides` are `--set`-style config assignments."""
+    """A run directory or an adapter folder -> Source. `overrides` are `--set`-style config assignments.
+
+    Everything that can be checked without the model is checked here (manifest, method, adapter and gate
+    files: `loading.read_adapter_folder`), so a damaged folder is refused before any work."""
     path = Path(path)
-    model_override = [f"model.name={model}"] if model else []
+    model_override = [assignment("model.name", model)] if model else []
     if (path / "config.yaml").is_file():
         adapter_dir = path / "adapter"
         if not _is_adapter_dir(adapter_dir):
             raise ConfigError(f"{path}: the run has no final adapter (adapter/ is missing: did it finish?)")
+        results = read_run_results(path)
+        method = _run_method(path, read_adapter_folder(adapter_dir), results.get("method"))
         config = load_config(path / "config.yaml", [*overrides, *model_override])
-        return Source(adapter_dir, config, path, _run_method(path))
+        return Source(adapter_dir, config, path, method)
     if _is_adapter_dir(path):
-        base = model or _recorded_base(path)
-        config = load_config(None, [*overrides, f"model.name={base}"])
-        manifest = read_manifest(path)
-        return Source(path, config, None, manifest["method"] if manifest else None)
+        folder = read_adapter_folder(path)
+        base = model or _recorded_base(folder)
+        config = load_config(None, [*overrides, assignment("model.name", base)])
+        return Source(path, config, None, folder.manifest["method"] if folder.manifest else None)
     raise ConfigError(
         f"{path}: neither a run directory (config.yaml + adapter/) nor an adapter folder ({ADAPTER_CONFIG})"
     )
@@ -101,46 +158,27 @@ def load_final_model(
     return load_adapter(source.adapter_dir, loaded.model), loaded
 
 
-def _prepare_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite:
-            raise ConfigError(f"--to: {target} exists and is not empty; choose another folder or --overwrite")
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-
-
-def check_mergeable(source: Source) -> None:
-    """Refuse to merge adapters that are not a fixed weight update (the method says why)."""
-    if source.method is None:
+# -- eval and predict ----------------------------------------------------------------------------------------
+def check_output_file(output: Path) -> None:
+    """Refuse, before anything is computed, an output that is not a new file or an earlier eval file."""
+    if output.is_dir():
+        raise ConfigError(f"-o: {output} is a folder; give a file name, e.g. {output / 'eval.json'}")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise ConfigError(f"-o: {output.parent} is not a folder")
+    if not output.exists():
         return
-    obstacle = method_class(source.method).merge_obstacle
-    if obstacle:
-        raise ConfigError(f"--merge: {source.method} adapters cannot be merged into the weights: {obstacle}")
-
-
-def export(run_dir: str | Path, target: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
-    """Write the final adapter folder (as the run left it), or with `merge` the base model with every active
-    adapter added into its weights, saved with its tokenizer as a plain transformers folder."""
-    source = resolve_source(run_dir)
-    target = Path(target)
-    if merge:
-        check_mergeable(source)
-    _prepare_target(target, overwrite)
-    if not merge:
-        shutil.copytree(source.adapter_dir, target)
-        return target
-    # On CPU, in the dtype the run's base weights had: `dtype: auto` alone would give float32 here for a
-    # run that trained in bfloat16 on a GPU.
-    run_dtype = _run_results(source.run_dir).get("base_dtype") if source.run_dir else None
-    model, loaded = load_final_model(source, device="cpu", dtype=run_dtype)
-    merged = model.merge_and_unload()  # W0 + sum over active adapters of s B A
-    merged.save_pretrained(str(target))
-    loaded.tokenizer.save_pretrained(str(target))
-    return target
+    try:
+        earlier = read_json_limited(output)
+    except UnsafeFileError:
+        earlier = None
+    if not isinstance(earlier, dict) or not all(key in earlier for key in EVAL_KEYS):
+        raise ConfigError(f"-o: {output} exists and is not an earlier eval result; refusing to replace it")
 
 
 def evaluate(source: Source, output: Path, device: str | None = None) -> dict[str, Any]:
     """Scores and predictions of the source's final model on the config's benchmark tasks (test sets);
     writes `output`. Launched with several processes, the test examples are split among them."""
+    check_output_file(output)
     distributed.init()
     tasks = load_tasks(source.config)
     model, loaded = load_final_model(source, device)
@@ -150,7 +188,7 @@ def evaluate(source: Source, output: Path, device: str | None = None) -> dict[st
     scores = [outcome.score for outcome in outcomes]
     b = source.config.benchmark
     results = {
-        "source": str(source.run_dir or source.adapter_dir),
+        "source": str(source.root),
         "adapter": str(source.adapter_dir),
         "method": source.method,
         "model": source.config.model.name,
@@ -174,23 +212,35 @@ def _write_results(results: dict[str, Any], output: Path) -> None:
     write_json_atomic(results, output)
 
 
+def check_prompt(prompt: str, where: str) -> None:
+    """Refuse a prompt no model can take: blank, or not Unicode text (a lone surrogate, e.g. JSON "\\ud800"
+    or undecodable command-line bytes)."""
+    if not prompt.strip():
+        raise ConfigError(f"{where}: empty prompt")
+    index = first_lone_surrogate(prompt)
+    if index is not None:
+        raise ConfigError(f"{where}: not valid Unicode text (a lone surrogate at character {index})")
+
+
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a JSONL file: one JSON object with a "prompt" key, or one JSON string, per line."""
-    prompts = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"--file: cannot read {path}: {exc.strerror}") from exc
-    for number, line in enumerate(lines, start=1):
+        text = read_text_limited(path)
+    except UnsafeFileError as exc:
+        raise ConfigError(f"--file: {exc}") from None
+    prompts = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is text in JSON
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, nesting, integers too long
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise ConfigError(f"{path}:{number}: not JSON ({reason})") from None
         prompt = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(prompt, str):
             raise ConfigError(f'{path}:{number}: expected a string or an object with a "prompt" string')
+        check_prompt(prompt, f"{path}:{number}")
         prompts.append(prompt)
     return prompts
 
@@ -200,10 +250,14 @@ def predict(
 ) -> list[dict[str, str]]:
     """Greedy generations of the final model, prompts formatted and truncated as in the run. Launched with
     several processes, the prompts are split among them and every process returns all the answers."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens: must be a positive number of tokens (got {max_new_tokens})")
+    for number, prompt in enumerate(prompts, start=1):
+        check_prompt(prompt, f"prompt {number}")
     distributed.init()
     model, loaded = load_final_model(source, device)
     evaluator = make_evaluator(source.config, loaded.tokenizer)
-    budget = max_new_tokens or source.config.eval.max_new_tokens
+    budget = source.config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
     ids = [evaluator.encoder.prompt_ids(p, reserve=budget)[0] for p in prompts]
     outputs = evaluator.generate(model, ids, budget)
     return [{"prompt": p, "output": o} for p, o in zip(prompts, outputs, strict=True)]
