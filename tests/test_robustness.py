@@ -12,6 +12,8 @@ Faults and where they are tested (crash, kill, stop and disk-full faults: tests/
   config key typo ...................... test_cli_config_typo_suggests_the_key
   adapter of another model or rank ..... test_adapter_of_another_model_or_rank_is_refused
   --debug shows the traceback .......... test_debug_shows_the_traceback
+  hostile files and values (pipes, /dev/zero, lone surrogates, YAML alias bombs, 50 MB prompts, seeds and
+  inf/nan that crash mid-run) ........... tests/test_hostile_input.py
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loracl.config import LoraSection
 from loracl.data import Example, load_benchmark, load_cl_benchmark_task, load_jsonl_task, load_superni_task
 from loracl.data.text import PromptEncoder
 from loracl.errors import AdapterMismatchError, ConfigError, DataError
+from loracl.files import first_lone_surrogate
 from loracl.models.base_model import byte_tokenizer, tiny_random_llama
 from loracl.models.lora import attach_lora, save_adapter
 from loracl.outputs.loading import load_adapter
@@ -162,18 +165,27 @@ def test_adapter_of_another_model_or_rank_is_refused(exported_adapter: Path) -> 
 # --- fuzz: any file content either loads or raises DataError ----------------------------------------------
 
 KEYS = st.sampled_from(["prompt", "answer", "input", "output", "Definition", "Instances", "id", "label"])
-SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+# st.text() never draws surrogates (they cannot be encoded), yet JSON's "\ud800" escape decodes to one: draw
+# them on purpose, json.dumps below writes them as such escapes.
+CHARS = st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+
+
+def any_text(max_size: int, min_size: int = 0) -> st.SearchStrategy[str]:
+    return st.text(CHARS, min_size=min_size, max_size=max_size)
+
+
+SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | any_text(8)
 
 
 def containers(inner: st.SearchStrategy) -> st.SearchStrategy:
-    return st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=4), inner, max_size=4)
+    return st.lists(inner, max_size=4) | st.dictionaries(KEYS | any_text(4), inner, max_size=4)
 
 
 JSON = st.recursive(SCALAR, containers, max_leaves=12)
-TEXTS = st.lists(st.text(max_size=3), max_size=3)
-SHORT = st.text(max_size=6)
+TEXTS = st.lists(any_text(3), max_size=3)
+SHORT = any_text(6)
 RECORD = st.fixed_dictionaries({"prompt": SHORT | JSON, "answer": SHORT | TEXTS | JSON})
-INSTANCE = st.fixed_dictionaries({"input": st.text(max_size=5) | JSON, "output": TEXTS | JSON})
+INSTANCE = st.fixed_dictionaries({"input": any_text(5) | JSON, "output": TEXTS | JSON})
 
 
 def serialized(records: st.SearchStrategy) -> st.SearchStrategy[bytes]:
@@ -184,45 +196,75 @@ def serialized(records: st.SearchStrategy) -> st.SearchStrategy[bytes]:
     return st.one_of(text, cut, noise).map(str.encode) | st.binary(max_size=40)
 
 
+
+
+def json_bytes(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
 SPLIT = serialized(st.lists(RECORD, max_size=3) | JSON)
 LINES = st.lists(serialized(RECORD | JSON), max_size=4).map(b"\n".join)
+LABEL_FILE = serialized(st.lists(any_text(4), max_size=3) | JSON)
 SUPERNI_TASK = st.fixed_dictionaries(
     {"Definition": TEXTS | JSON, "Instances": st.lists(INSTANCE, max_size=4) | JSON}
 )
-SUPERNI = serialized(SUPERNI_TASK | JSON)
+
+# Whole tasks of well-formed files whose texts are anything: without them a load almost never succeeds, and
+# a text that passes through into a task (a lone surrogate, say) would go unchecked.
+SOME_TEXT = any_text(6, min_size=1)
+SOME_TEXTS = st.lists(SOME_TEXT, min_size=1, max_size=3)
+TEXT_RECORD = st.fixed_dictionaries({"prompt": SOME_TEXT, "answer": SOME_TEXT})
+TEXT_RECORDS = st.lists(TEXT_RECORD, min_size=1, max_size=3)
+TEXT_SPLIT = TEXT_RECORDS.map(json_bytes)
+TEXT_LINES = TEXT_RECORDS.map(lambda records: b"\n".join(map(json_bytes, records)))
+TEXT_LABEL_FILE = SOME_TEXTS.map(json_bytes)
+TEXT_INSTANCE = st.fixed_dictionaries({"input": SOME_TEXT, "output": SOME_TEXTS})
+TEXT_SUPERNI = st.fixed_dictionaries(
+    {"Definition": SOME_TEXT, "Instances": st.lists(TEXT_INSTANCE, min_size=2, max_size=4)}
+)
+
+CL_TASK = st.tuples(SPLIT, SPLIT, LABEL_FILE) | st.tuples(TEXT_SPLIT, TEXT_SPLIT, TEXT_LABEL_FILE)
+JSONL_TASK = st.tuples(LINES, LINES) | st.tuples(TEXT_LINES, TEXT_LINES)
+SUPERNI = serialized(SUPERNI_TASK | JSON) | TEXT_SUPERNI.map(json_bytes)
 
 
 def loads_or_data_error(load) -> None:
+    """`load()` raises a one-line DataError, or returns a task whose every text is valid Unicode (a lone
+    surrogate passed on would crash the tokenizer or a UTF-8 writer later in the run)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # answers outside labels.json: warned, kept
         try:
-            load()
+            task = load()
         except DataError as exc:
             assert "\n" not in str(exc)
+            return
+    examples = task.train + task.test + task.validation
+    texts = [*(task.labels or []), *(text for ex in examples for text in (ex.prompt, *ex.answers))]
+    assert all(first_lone_surrogate(t) is None for t in texts)
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
-@given(train=SPLIT, test=SPLIT, labels=serialized(st.lists(st.text(max_size=4), max_size=3) | JSON))
-def test_loaders_never_crash_cl_benchmark(train: bytes, test: bytes, labels: bytes) -> None:
+@given(files=CL_TASK)
+def test_loaders_never_crash_cl_benchmark(files: tuple[bytes, bytes, bytes]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         task = Path(tmp) / "task"
         task.mkdir()
-        for name, data in (("train.json", train), ("test.json", test), ("labels.json", labels)):
+        for name, data in zip(("train.json", "test.json", "labels.json"), files, strict=True):
             (task / name).write_bytes(data)
         loads_or_data_error(lambda: load_cl_benchmark_task(task))
 
 
 @FUZZ
-@given(train=LINES, test=LINES)
-def test_loaders_never_crash_jsonl(train: bytes, test: bytes) -> None:
+@given(files=JSONL_TASK)
+def test_loaders_never_crash_jsonl(files: tuple[bytes, bytes]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         task = Path(tmp) / "task"
         task.mkdir()
-        (task / "train.jsonl").write_bytes(train)
-        (task / "test.jsonl").write_bytes(test)
+        for name, data in zip(("train.jsonl", "test.jsonl"), files, strict=True):
+            (task / name).write_bytes(data)
         loads_or_data_error(lambda: load_jsonl_task(task))
 
 

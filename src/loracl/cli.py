@@ -368,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def printable(text: str, stream) -> str:
+    """`text` as the stream can encode it: a path from the command line may hold undecodable bytes (lone
+    surrogates), which would turn the one-line error into a UnicodeEncodeError traceback."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def _quiet_library_noise() -> None:
     # A deprecation inside PEFT/transformers that users can do nothing about.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -386,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         label = "interrupted" if isinstance(exc, RunInterrupted) else "error"
-        print(f"{label}: {exc}", file=sys.stderr)
+        print(printable(f"{label}: {exc}", sys.stderr), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ Unknown keys are errors (with the closest valid key suggested), never silently i
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,10 +15,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import UnsafeFileError, first_lone_surrogate, max_file_bytes, read_text_limited
+
+# YAML aliases share one object per anchor, so nine nested lists of nine aliases load in microseconds but
+# validating or dumping them visits 9**9 values (gigabytes). No real config comes near 100,000 values.
+MAX_YAML_VALUES = 100_000
+# PyYAML parses about 100 KB a second on a busy CPU: the shipped configs are under 1 KB, a config of a GiB
+# (or /dev/zero behind a link) would parse for hours.
+MAX_CONFIG_BYTES = 1 << 20
+SEED_LIMIT = 2**32  # numpy's seeds are 0 <= seed < 2**32
+# Upper bounds on counts and sizes, far beyond any model's context or any machine's memory: a typo such as
+# 1e20 is refused at once instead of looping for ever or overflowing mid-run.
+MAX_COUNT = 1 << 24
+MAX_EPOCHS = 10_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan would pass gt/ge bounds or none at all and only fail mid-run (a nan loss, an endless loop).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -38,13 +53,39 @@ class LoraSection(_Section):
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scaling is alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct_names(cls, names: list[str]) -> list[str]:
+        if any(not name.strip() for name in names):
+            raise ValueError("module names must be non-empty")
+        if len(set(names)) != len(names):
+            raise ValueError("module names must be distinct")
+        return names
 
 
 class MethodSection(_Section):
     # Method options are validated by the method's own Options class (see loracl.methods).
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
     name: str = Field("slao", description="continual-learning method; `loracl methods` lists them")
+
+    @model_validator(mode="after")
+    def _finite_options(self) -> MethodSection:
+        # allow_inf_nan only reaches typed fields; a method's options are untyped here.
+        for key, value in (self.model_extra or {}).items():
+            if _holds_non_finite(value):
+                raise ValueError(f"option '{key}' is not a finite number")
+        return self
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """Whether `value` is, or a list or mapping inside it holds, an inf or nan float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_holds_non_finite(item) for item in value)
 
 
 class BenchmarkSection(_Section):
@@ -58,21 +99,26 @@ class BenchmarkSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: float = Field(1.0, gt=0, description="passes over each task's training data")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="passes over each task's training data")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
-    max_length: int = Field(512, gt=8, description="max tokens of prompt + answer (prompts cut on the left)")
+    batch_size: int = Field(8, gt=0, le=MAX_COUNT)
+    grad_accum: int = Field(1, gt=0, le=MAX_COUNT, description="gradient accumulation steps")
+    max_length: int = Field(
+        512, gt=8, le=MAX_COUNT, description="max tokens of prompt + answer (prompts cut on the left)"
+    )
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; null disables")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="random seed, 0 <= seed < 2**32")
 
 
 class EvalSection(_Section):
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_COUNT)
     max_new_tokens: int = Field(
-        32, gt=0, description="generation cap; classification tasks stop after their longest label"
+        32,
+        gt=0,
+        le=MAX_COUNT,
+        description="generation cap; classification tasks stop after their longest label",
     )
     zero_shot: bool = Field(True, description="evaluate the base model first (needed for FWT)")
     matrix: Literal["full", "metrics"] = Field(
@@ -127,7 +173,54 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{_suggest(key)}"
-    return f"{source}: {key}: {first['msg']} (got {first.get('input')!r})"
+    return f"{source}: {key}: {first['msg']} (got {_short_repr(first.get('input'))})"
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _children(where: str, value: Any) -> list[tuple[str, Any]]:
+    """The values inside a loaded YAML value, each with its dotted key (for messages)."""
+    if isinstance(value, dict):
+        return [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+    if isinstance(value, (list, set)):
+        return [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return []
+
+
+def _check_loaded(data: Any, source: str) -> None:
+    """Refuse what would hang or fail later: aliases that expand to more than MAX_YAML_VALUES values (counted
+    while walking, so the expansion is never built; an alias inside its own anchor counts without end) and
+    strings with a lone surrogate (YAML's "\\ud800"), which no file name or UTF-8 writer accepts."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    seen = 1
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str) and first_lone_surrogate(value) is not None:
+            name = where or "the value"
+            raise ConfigError(f"{source}: {name} holds a lone surrogate (not valid Unicode text)")
+        seen += len(value) if isinstance(value, (dict, list, set)) else 0
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (anchors/aliases?)"
+            )
+        pending.extend(_children(where, value))
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with every failure a one-line ConfigError naming `source` (a file or `--set KEY`)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # an integer beyond Python's digit limit, a 13th month...
+        raise ConfigError(f"{source}: invalid YAML value: {' '.join(str(exc).split())}") from exc
+    _check_loaded(data, source)
+    return data
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -138,10 +231,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}".splitlines()[0]) from exc
+    value = _load_yaml(raw, f"--set {key}") if raw.strip() else None
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -153,14 +243,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    try:  # a regular file of bounded size only: a named pipe would block, /dev/zero never end
+        text = read_text_limited(path, min(MAX_CONFIG_BYTES, max_file_bytes()))
+    except UnsafeFileError as exc:
+        raise ConfigError(str(exc)) from None
+    data = _load_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

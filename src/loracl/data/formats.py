@@ -9,6 +9,7 @@ applies, the bad record: `example N` / `instance N` is the 0-based position in a
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 from loracl.data.paths import find_named, require_dir, subdirs
 from loracl.errors import DataError
+from loracl.files import UnsafeFileError, first_lone_surrogate, read_text_limited
 
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rouge_l"
@@ -70,16 +72,12 @@ def _describe(value: Any) -> str:
 
 
 def _read_text(path: Path) -> str:
+    """A data file's text; only a regular UTF-8 file of bounded size is read (a named pipe would block and
+    /dev/zero would never end), anything else is a one-line DataError naming the file."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    try:
-        return raw.decode("utf-8-sig")  # tolerate a byte-order mark, reject anything that is not UTF-8
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+        return read_text_limited(path)
+    except UnsafeFileError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _decode_json(text: str, where: str) -> Any:
@@ -118,8 +116,12 @@ def _jsonl_items(path: Path) -> Items:
 
 
 def _text(value: Any, what: str) -> str:
+    """Every text a loader keeps (prompt, answer, label, definition) passes here."""
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{what} must be a non-empty string, got {_describe(value)}")
+    # JSON's "\ud800" escape decodes to a lone surrogate, which tokenizers and UTF-8 writers reject mid-run.
+    if first_lone_surrogate(value) is not None:
+        raise DataError(f"{what} holds a lone surrogate (not valid Unicode text)")
     return value
 
 
@@ -197,6 +199,16 @@ def _read_splits(
     return train, test
 
 
+def _task_name(path: Path, name: str | None = None) -> str:
+    """`name` (default: the folder's name), which must be valid text: a file name whose bytes are not UTF-8
+    reaches Python with lone surrogates, and the name seeds the caps and is printed and written in the run."""
+    name = path.name if name is None else name
+    if first_lone_surrogate(name) is not None:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # the bytes as \xe9, printable
+        raise DataError(f"{shown}: the task name is not valid UTF-8 text; rename it")
+    return name
+
+
 def read_labels(path: Path) -> list[str]:
     """A labels.json file: a non-empty JSON list of non-empty strings."""
     data = read_json(path)
@@ -214,7 +226,7 @@ def load_cl_benchmark_task(task_dir: Path) -> Task:
     task_dir = require_dir(Path(task_dir), "task folder")
     labels = read_labels(task_dir / "labels.json")
     train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, labels)
-    return Task(task_dir.name, train, test, [], labels, EXACT_MATCH, str(task_dir))
+    return Task(_task_name(task_dir), train, test, [], labels, EXACT_MATCH, str(task_dir))
 
 
 # --- olora: upstream O-LoRA CL_Benchmark, <root>/<Category>/<task>/{train,dev,test,labels}.json -----------
@@ -267,7 +279,7 @@ def load_olora_task(root: Path, name: str) -> Task:
         return olora_prompt(category, labels, sentence)
 
     train, test = _read_splits(task_dir, ".json", _json_list_items, _OLORA_FIELDS, labels, make_prompt)
-    return Task(task_dir.name, train, test, [], labels, EXACT_MATCH, str(task_dir))
+    return Task(_task_name(task_dir), train, test, [], labels, EXACT_MATCH, str(task_dir))
 
 
 # --- superni: one Super-NaturalInstructions task file, split here -------------------------------------------
@@ -322,7 +334,7 @@ def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Tas
     labels = _superni_labels(examples)
     train, test = _split_test(examples, test_size, seed, path)
     metric = EXACT_MATCH if labels is not None else ROUGE_L
-    return Task(path.stem, train, test, [], labels, metric, str(path))
+    return Task(_task_name(path, path.stem), train, test, [], labels, metric, str(path))
 
 
 # --- jsonl: a user's own tasks, <dir>/<task>/{train,test}.jsonl [+ labels.json] ----------------------------
@@ -332,7 +344,9 @@ def load_jsonl_task(task_dir: Path) -> Task:
     """A user's task folder; exact match when it has labels.json (a closed label set), else ROUGE-L."""
     task_dir = require_dir(Path(task_dir), "task folder")
     labels_path = task_dir / "labels.json"
-    labels = read_labels(labels_path) if labels_path.exists() else None
+    # A dangling link named labels.json is reported rather than silently turning the task into ROUGE-L.
+    has_labels = labels_path.exists() or labels_path.is_symlink()
+    labels = read_labels(labels_path) if has_labels else None
     train, test = _read_splits(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels)
     metric = EXACT_MATCH if labels is not None else ROUGE_L
-    return Task(task_dir.name, train, test, [], labels, metric, str(task_dir))
+    return Task(_task_name(task_dir), train, test, [], labels, metric, str(task_dir))

@@ -43,7 +43,10 @@ def require_dir(path: Path, what: str) -> Path:
 
 def subdirs(path: Path) -> list[Path]:
     """The visible sub-folders of `path`, sorted by name."""
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:  # unreadable, or replaced by a file since it was checked
+        raise DataError(f"{path}: cannot list folder ({exc.strerror or exc})") from None
 
 
 def _matches(name: str, candidates: Sequence[tuple[str, T]]) -> list[T]:

@@ -75,7 +75,7 @@ Role = Literal["continual", "upper_bound", "reference"]
 class MethodOptions(BaseModel):
     """Options of a method (the `method:` section of a config, less `name`). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a nan option would fail mid-run
 
 
 class ContinualMethod:
