@@ -127,6 +127,20 @@ def read_json_limited(path: Path, limit: int | None = None) -> Any:
     return data
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any] | None:
+    """A JSON file that must hold an object, or None when there is no such file; an unreadable file or
+    another JSON value raises `error` (a LoraclError class) with one line naming the file."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        data = read_json_limited(path)
+    except UnsafeFileError as exc:
+        raise error(str(exc)) from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

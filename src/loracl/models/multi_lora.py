@@ -15,7 +15,6 @@ Export layout of a multi-adapter run's `adapter/` folder (read back by `loracl.o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from peft import PeftModel
 
 from loracl.config import LoraSection
 from loracl.errors import RunFolderError
-from loracl.files import UnsafeFileError, read_bytes_limited, read_json_limited, write_json_atomic
+from loracl.files import UnsafeFileError, read_bytes_limited, read_json_object, write_json_atomic
 from loracl.models.lora import lora_layers, peft_config, save_adapter
 
 MANIFEST = "loracl_adapter.json"
@@ -90,14 +89,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     `extra` of the wrong type. Whether the method exists and what `extra` must hold is the method's to say
     (`loracl.outputs.loading`)."""
     path = Path(directory) / MANIFEST
-    if not os.path.lexists(path):
+    manifest = read_json_object(path, RunFolderError)
+    if manifest is None:
         return None
-    try:
-        manifest = read_json_limited(path)
-    except UnsafeFileError as exc:
-        raise RunFolderError(str(exc)) from None
-    if not isinstance(manifest, dict):
-        raise RunFolderError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("version")
     if manifest.get("format") != FORMAT or type(version) is not int or version != VERSION:
         found = f"format {short(manifest.get('format'))}, version {short(version)}"

@@ -13,7 +13,6 @@ Neither destroys a user's file: `eval -o` replaces only an earlier eval file.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from loracl.files import (
     UnsafeFileError,
     first_lone_surrogate,
     read_json_limited,
+    read_json_object,
     read_text_limited,
     write_json_atomic,
 )
@@ -95,14 +95,9 @@ def read_run_results(run_dir: Path) -> dict[str, Any]:
     """A run's results.json ({} when there is none), with the keys deploy reads checked: `method` a known
     method, `base_dtype` a dtype."""
     path = run_dir / RESULTS
-    if not os.path.lexists(path):
+    results = read_json_object(path, RunFolderError)
+    if results is None:
         return {}
-    try:
-        results = read_json_limited(path)
-    except UnsafeFileError as exc:
-        raise RunFolderError(str(exc)) from None
-    if not isinstance(results, dict):
-        raise RunFolderError(f"{path}: expected a JSON object, got {type(results).__name__}")
     method = results.get("method")
     if method is not None and (not isinstance(method, str) or method not in available_methods()):
         raise RunFolderError(f"{path}: unknown method {short(method)}")
