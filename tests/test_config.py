@@ -61,6 +61,19 @@ def test_bad_files(tmp_path):
         load_config(bad)
 
 
-def test_order_or_tasks_required():
-    with pytest.raises(ConfigError, match="give either 'order' or 'tasks'"):
-        load_config(None, ["benchmark.order=null"])
+def test_the_order_defaults_to_the_benchmarks_own():
+    """No order and no tasks: the benchmark's own order (order1 for the CL benchmark); no null by hand."""
+    from loracl.data import load_tasks
+
+    config = load_config(None, ["benchmark.max_train=1", "benchmark.max_test=1"])
+    assert config.benchmark.order is None
+    assert [t.name for t in load_tasks(config)] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    superni = load_config(None, ["benchmark.name=superni", "benchmark.max_train=1", "benchmark.max_test=1"])
+    assert len(load_tasks(superni)) == 3  # every task of the sample folder, with no order set by hand
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    """The demo, tiny, GPU and paper presets validate (the presets name data folders the user sets)."""
+    config = load_config(path)
+    assert config.train.lr > 0 and config.eval.max_new_tokens > 0

@@ -120,3 +120,13 @@ def test_other_conventions_on_a_known_matrix():
         "mean_diagonal": pytest.approx(230 / 3),
     }
     assert other_conventions(matrix, sequential=False) == {"BWT_over_T": None, "mean_diagonal": None}
+
+
+def test_the_config_knows_every_metric_of_the_scorer():
+    """config.py sits below engine and lists the metric names itself: the two lists must agree."""
+    from typing import get_args
+
+    from loracl.config import METRIC_NAMES
+    from loracl.engine.scoring import METRICS
+
+    assert set(get_args(METRIC_NAMES)) == set(METRICS)

@@ -118,14 +118,16 @@ def test_answer_outside_labels_warns_and_is_kept(tmp_path: Path) -> None:
     assert [ex.answers[0] for ex in task.train].count("maybe") == 1
 
 
-def test_long_prompt_is_cut_on_the_left_never_the_answer() -> None:
-    encoder = PromptEncoder(byte_tokenizer(), max_length=32)
-    prompt = "x" * 100 + " the end\nAnswer:"
+def test_long_prompt_loses_the_middle_of_its_longest_line_never_the_answer() -> None:
+    encoder = PromptEncoder(byte_tokenizer(), max_length=48)
+    prompt = "Pick one.\n" + "passage words " * 20 + "the end\nquestion?\nAnswer:"
     encoded = encoder.encode(Example(prompt, ("positive",)))
     answer = encoder.answer_ids("positive")
-    assert encoded.truncated and len(encoded.input_ids) == 32
+    assert encoded.truncated and len(encoded.input_ids) <= 48
     assert encoded.input_ids[encoded.prompt_len :] == answer  # the whole answer, eos included
-    assert encoder.tokenizer.decode(encoded.input_ids[: encoded.prompt_len]).endswith("the end\nAnswer:")
+    kept = encoder.tokenizer.decode(encoded.input_ids[: encoded.prompt_len])
+    assert kept.startswith("Pick one.\np") and kept.endswith("end\nquestion?\nAnswer:")
+    assert " ... " in kept  # where the middle of the passage was
     short = encoder.encode(Example("q\nAnswer:", ("positive",)))
     assert not short.truncated  # counted per task as train.truncated_prompts (see test_resume's reference)
 

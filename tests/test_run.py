@@ -200,8 +200,19 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_superni_benchmark_runs_with_rouge(tmp_path):
-    config = load_config(TINY, ["benchmark.name=superni", "benchmark.tasks=null", "benchmark.order=null",
+    """No order set: every task of the folder; every SuperNI task scored with ROUGE-L, as the field does."""
+    config = load_config(TINY, ["benchmark.name=superni", "benchmark.tasks=null",
                                 "benchmark.max_test=4", "eval.zero_shot=false", "method.name=seq_lora"])
     results = run(config, tmp_path / "superni")
     assert results["tasks"] == sorted(results["tasks"]) and len(results["tasks"]) == 3
     assert len(results["matrix"]) == 3
+    assert results["task_metrics"] == ["rouge_l"] * 3
+
+
+def test_eval_metric_overrides_the_convention_and_is_recorded(tmp_path):
+    config = load_config(TINY, ["benchmark.max_test=2", "eval.zero_shot=false", "eval.metric=rouge_l"])
+    results = run(config, tmp_path / "rouge")
+    assert results["task_metrics"] == ["rouge_l"] * 3 and results["config"]["eval"]["metric"] == "rouge_l"
+    assert results["order"] is None  # the config names its tasks
+    default = run(load_config(TINY, ["benchmark.max_test=2", "eval.zero_shot=false"]), tmp_path / "em")
+    assert default["task_metrics"] == ["exact_match"] * 3

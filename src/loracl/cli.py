@@ -21,7 +21,8 @@ EPILOG = """examples:
   loracl predict runs/tiny "Classify the topic: ... Answer:"
   loracl bench configs/demo.yaml --methods slao,seq_lora --orders order1,order2,order3
   loracl methods
-  loracl benchmarks"""
+  loracl benchmarks
+  loracl data check ../shared/data/cl_benchmark --order order4"""
 
 BENCH_EPILOG = """examples:
   loracl bench configs/demo.yaml --methods slao,seq_lora,olora,inflora,mtl --orders order1,order2,order3
@@ -323,19 +324,73 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
-    from .data import ORDERS, benchmark_names
+    from .data import ORDER_BENCHMARK, ORDERS, benchmark_names, default_order, orders_for
 
     print("benchmarks: " + ", ".join(benchmark_names()))
-    print("orders (benchmark.order):")
-    for name, tasks in ORDERS.items():
-        print(
-            textwrap.fill(
-                ", ".join(tasks),
-                width=100,
-                initial_indent=f"  {name}: ",
-                subsequent_indent=" " * (len(name) + 4),
+    print("orders (benchmark.order), by benchmark (jsonl, your own tasks, takes any of them):")
+    for owner in dict.fromkeys(ORDER_BENCHMARK.values()):
+        # The benchmarks that read `owner`'s orders (olora reads cl_benchmark's); jsonl reads every order.
+        readers = [
+            b
+            for b in benchmark_names()
+            if b != "jsonl" and ORDER_BENCHMARK.get(next(iter(orders_for(b)), "")) == owner
+        ]
+        default = default_order(owner) or "every task of the folder"
+        print(f"  {', '.join(readers)} (default: {default}):")
+        for name in (order for order, benchmark in ORDER_BENCHMARK.items() if benchmark == owner):
+            print(
+                textwrap.fill(
+                    ", ".join(ORDERS[name]),
+                    width=100,
+                    initial_indent=f"    {name}: ",
+                    subsequent_indent=" " * (len(name) + 6),
+                )
             )
-        )
+    return 0
+
+
+DATA_CHECK_EPILOG = """examples:
+  loracl data check ../shared/data/cl_benchmark
+  loracl data check ../shared/data/cl_benchmark --order order4
+  loracl data check CL_Benchmark/SuperNI --order superni1
+  loracl data check LLM-CL-Benchmark --benchmark trace --order trace
+
+Without --benchmark the benchmark is detected from the layout: <task>/{train,test,labels}.json of
+{prompt, answer}: cl_benchmark; <task>/{train,eval,test}.json of {prompt, answer}: trace; <category>/<task>/
+of {sentence, label}: olora; <task>/{train,dev,test}.json or <task>.json SuperNI task objects: superni;
+<task>/{train,test}.jsonl: jsonl. A mixed or unknown layout needs --benchmark. Nothing is written; a bad
+file, a task missing a split or an order naming an absent task is a one-line error (exit status 2)."""
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="inspect benchmark data folders",
+        description="Inspect benchmark data folders.",
+    )
+    data_sub = p.add_subparsers(title="data commands", metavar="COMMAND", required=True)
+    check = data_sub.add_parser(
+        "check",
+        help="validate a data folder and list its tasks",
+        description="Load every task of a data folder through the loaders runs use and print the "
+        "benchmark, each task's split sizes (train, dev/eval, test), label count or 'generation', and "
+        "metric, and the named orders whose tasks are all present.",
+        epilog=DATA_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("folder", help="the data folder (e.g. ../shared/data/cl_benchmark)")
+    check.add_argument("--benchmark", help="its format (default: detected from the layout)")
+    check.add_argument("--order", help="a named order whose every task must be in the folder")
+    check.set_defaults(handler=_cmd_data_check)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.check import check_folder, format_report
+
+    report = check_folder(Path(args.folder), benchmark=args.benchmark, order=args.order)
+    print(printable(format_report(report), sys.stdout))
     return 0
 
 
@@ -365,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list benchmarks and task orders",
         description="List the benchmark formats and the named task orders.",
     ).set_defaults(handler=_cmd_benchmarks)
+    _add_data(sub)
     return parser
 
 

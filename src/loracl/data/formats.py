@@ -23,6 +23,23 @@ from loracl.files import UnsafeFileError, first_lone_surrogate, read_text_limite
 
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rouge_l"
+# TRACE's own metric per task (its evaluations/*.py), by the names loracl.engine.scoring gives them (the
+# engine layer sits above this one, so the names are repeated here rather than imported).
+TRACE_ACCURACY = "trace_accuracy"
+TRACE_ROUGE_L = "trace_rouge_l"
+TRACE_EDIT_SIMILARITY = "trace_edit_similarity"
+TRACE_SARI = "trace_sari"
+# TRACE's eight tasks, in the order of its training scripts, with the metric each is scored by.
+TRACE_METRICS: dict[str, str] = {
+    "C-STANCE": TRACE_ACCURACY,
+    "FOMC": TRACE_ACCURACY,
+    "MeetingBank": TRACE_ROUGE_L,
+    "Py150": TRACE_EDIT_SIMILARITY,
+    "ScienceQA": TRACE_ACCURACY,
+    "NumGLUE-cm": TRACE_ACCURACY,
+    "NumGLUE-ds": TRACE_ACCURACY,
+    "20Minuten": TRACE_SARI,
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class Task:
     test: list[Example]
     validation: list[Example]
     labels: list[str] | None  # closed label set of a classification task, else None
-    metric: str  # EXACT_MATCH or ROUGE_L
+    metric: str  # EXACT_MATCH, ROUGE_L or one of TRACE_METRICS' values
     source: str  # the folder or file it was read from
 
 
@@ -185,6 +202,16 @@ def _warn_unknown_answers(examples: list[Example], labels: Sequence[str], path: 
         warnings.warn(message, stacklevel=2)
 
 
+def _split_paths(task_dir: Path, suffix: str) -> tuple[Path, Path]:
+    """`train<suffix>` and `test<suffix>` of a task folder; a missing one is named with its task, since some
+    upstream releases ship a task without its train file."""
+    paths = (task_dir / f"train{suffix}", task_dir / f"test{suffix}")
+    for split, path in zip(("train", "test"), paths, strict=True):
+        if not os.path.lexists(path):  # a dangling link is left to the reader, which names it as such
+            raise DataError(f"{path}: file not found; task '{task_dir.name}' has no {split} split")
+    return paths
+
+
 def _read_splits(
     task_dir: Path,
     suffix: str,
@@ -194,7 +221,7 @@ def _read_splits(
     make_prompt: Callable[[str], str] = str,
 ) -> tuple[list[Example], list[Example]]:
     """The train and test splits of a task folder (`train<suffix>`, `test<suffix>`)."""
-    paths = (task_dir / f"train{suffix}", task_dir / f"test{suffix}")
+    paths = _split_paths(task_dir, suffix)
     train, test = (_parse_split(read_items(p), p, fields, labels, make_prompt) for p in paths)
     return train, test
 
@@ -282,7 +309,7 @@ def load_olora_task(root: Path, name: str) -> Task:
     return Task(_task_name(task_dir), train, test, [], labels, EXACT_MATCH, str(task_dir))
 
 
-# --- superni: one Super-NaturalInstructions task file, split here -------------------------------------------
+# --- superni: Super-NaturalInstructions task objects, one file per task or a folder per task ---------------
 
 _MAX_CLASSIFICATION_LABELS = 10
 
@@ -315,9 +342,13 @@ def _split_test(examples: list[Example], test_size: int, seed: int, path: Path) 
     return shuffled[n_test:], shuffled[:n_test]
 
 
-def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Task:
-    """A Super-NaturalInstructions task file, split deterministically into train and test."""
-    path = Path(path)
+def superni_prompt(definition: str, text: str) -> str:
+    """The prompt the superni loaders build for one instance."""
+    return f"Definition: {definition}\n\nInput: {text}\nOutput:"
+
+
+def _superni_examples(path: Path) -> list[Example]:
+    """The instances of one SuperNI task object (a task file, or a split file of a task folder)."""
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be a JSON object (a SuperNI task), got {_json_type(data)}")
@@ -328,13 +359,57 @@ def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Tas
     items = [(f"{path}: instance {i}", record) for i, record in enumerate(instances)]
 
     def make_prompt(text: str) -> str:
-        return f"Definition: {definition}\n\nInput: {text}\nOutput:"
+        return superni_prompt(definition, text)
 
-    examples = _parse_split(items, path, _SUPERNI_FIELDS, make_prompt=make_prompt)
-    labels = _superni_labels(examples)
-    train, test = _split_test(examples, test_size, seed, path)
-    metric = EXACT_MATCH if labels is not None else ROUGE_L
-    return Task(_task_name(path, path.stem), train, test, [], labels, metric, str(path))
+    return _parse_split(items, path, _SUPERNI_FIELDS, make_prompt=make_prompt)
+
+
+def _superni_task(name: str, train: list[Example], test: list[Example], source: Path) -> Task:
+    # Every SuperNI task is scored with ROUGE-L, classification included: the field's convention (GainLoRA's
+    # and SAPT's score.py read predict_eval_rougeL_for_<task>). The label set only bounds the generation.
+    return Task(name, train, test, [], _superni_labels(train + test), ROUGE_L, str(source))
+
+
+def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Task:
+    """A Super-NaturalInstructions task file, split deterministically into train and test."""
+    path = Path(path)
+    train, test = _split_test(_superni_examples(path), test_size, seed, path)
+    return _superni_task(_task_name(path, path.stem), train, test, path)
+
+
+def load_superni_task_dir(task_dir: Path) -> Task:
+    """A SuperNI task folder as GainLoRA and O-LoRA distribute them, `{train,dev,test}.json`, each a task
+    object. The official test split is kept as it is. dev.json is never read: upstream it may be the test
+    split itself, so selecting on it would select on test; validation is carved from train instead."""
+    task_dir = require_dir(Path(task_dir), "task folder")
+    train, test = (_superni_examples(path) for path in _split_paths(task_dir, ".json"))
+    return _superni_task(_task_name(task_dir), train, test, task_dir)
+
+
+# --- trace: TRACE's LLM-CL-Benchmark, <dir>/<Task>/{train,eval,test}.json with ready-made prompts ----------
+
+
+def trace_metric(name: str, where: Path) -> str:
+    """TRACE's metric for task `name` (any case). Another name is refused rather than given a guessed metric;
+    a folder of other tasks in this layout loads with the generic formats."""
+    for known, metric in TRACE_METRICS.items():
+        if known.lower() == name.lower():
+            return metric
+    raise DataError(
+        f"{where}: '{name}' is not a TRACE task (known: {', '.join(TRACE_METRICS)}); "
+        "for other tasks use benchmark.name=jsonl or cl_benchmark"
+    )
+
+
+def load_trace_task(task_dir: Path) -> Task:
+    """One task of TRACE: train.json and test.json, lists of `{"prompt", "answer"}`. eval.json is not read
+    (validation is carved from train, as for every benchmark). No label set: TRACE scores the generation with
+    its own metric per task, and some tasks ship no labels.json."""
+    task_dir = require_dir(Path(task_dir), "task folder")
+    name = _task_name(task_dir)
+    metric = trace_metric(name, task_dir)  # before reading: a folder of other tasks fails at once
+    train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, None)
+    return Task(name, train, test, [], None, metric, str(task_dir))
 
 
 # --- jsonl: a user's own tasks, <dir>/<task>/{train,test}.jsonl [+ labels.json] ----------------------------
@@ -350,3 +425,32 @@ def load_jsonl_task(task_dir: Path) -> Task:
     train, test = _read_splits(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels)
     metric = EXACT_MATCH if labels is not None else ROUGE_L
     return Task(_task_name(task_dir), train, test, [], labels, metric, str(task_dir))
+
+
+# --- the split shipped beside train and test ---------------------------------------------------------------
+
+
+def _list_split(fields: _Fields) -> Callable[[Path], list[Example]]:
+    return lambda path: _parse_split(_json_list_items(path), path, fields)
+
+
+# Per folder format, the file of the split shipped beside train and test (upstream dev.json often repeats
+# test.json) and how its examples are read. Runs never read it; `loracl data check` validates and counts it.
+_HELD_OUT: dict[str, tuple[str, Callable[[Path], list[Example]]]] = {
+    "cl_benchmark": ("dev.json", _list_split(_PROMPT_ANSWER)),
+    "olora": ("dev.json", _list_split(_OLORA_FIELDS)),
+    "superni": ("dev.json", _superni_examples),
+    "trace": ("eval.json", _list_split(_PROMPT_ANSWER)),
+}
+
+
+def held_out_split(fmt: str, task: Task) -> tuple[str, int] | None:
+    """The file name and size of the split a task of format `fmt` ships beside train and test, read and
+    validated like them; None when its folder has none (or the task is a single file)."""
+    entry = _HELD_OUT.get(fmt)
+    source = Path(task.source)
+    if entry is None or not source.is_dir():
+        return None
+    file_name, read = entry
+    path = source / file_name
+    return (file_name, len(read(path))) if os.path.lexists(path) else None

@@ -12,19 +12,38 @@ from loracl.data import Example
 ANSWER_SEPARATOR = " "  # prompts end with "Answer:"; the answer follows after one space
 
 # Texts are cut by characters before they are tokenised, so that a 50 MB one-line prompt costs no more than a
-# page: a text longer than CHARS_PER_TOKEN characters per token that can be kept loses the part that would be
-# cut anyway. BPE tokenizers of LLMs average 3-5 characters per token on prose and code, and a token longer
-# than 32 characters (a long run of spaces or dashes) is rare, so the kept part still tokenises to more tokens
-# than fit, and the tokens kept are those the whole text gives (the cut lies well before them). Texts within
-# the bound are tokenised exactly as before; the bound costs nothing (16K characters for 512 tokens).
+# page: a text longer than CHARS_PER_TOKEN characters per token that can be kept loses characters that would
+# be cut anyway. BPE tokenizers of LLMs average 3-5 characters per token on prose and code, and a token longer
+# than 32 characters (a long run of spaces or dashes) is rare, so what is kept still tokenises to more tokens
+# than fit. Texts within the bound are tokenised exactly as they are; the bound costs nothing (16K characters
+# for 512 tokens).
 CHARS_PER_TOKEN = 32
+# What replaces the middle of a line cut to fit (a reader, or the model, sees that text is missing there).
+ELISION = " ... "
+# When even the whole longest line is not enough, the prompt's tokens are cut in the middle instead, keeping
+# this share of the room for its head (the instruction) and the rest for its tail (the question, the options
+# and the answer cue next to the answer).
+HEAD_SHARE = 0.25
+
+
+def _elide(line: str, keep: int) -> str:
+    """`line` with its middle replaced by ELISION, keeping about `keep` characters split between its head and
+    its tail, each cut at a space so that no word is split (when the line has spaces there)."""
+    if keep >= len(line):
+        return line
+    head, tail = line[: keep // 2], line[len(line) - (keep - keep // 2) :]
+    if " " in head:
+        head = head[: head.rindex(" ")]
+    if " " in tail:
+        tail = tail[tail.index(" ") + 1 :]
+    return head.rstrip() + ELISION + tail.lstrip()
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]  # prompt + answer + eos
     prompt_len: int  # the first prompt_len tokens carry no loss
-    truncated: bool  # the prompt was cut on the left to fit max_length
+    truncated: bool  # the prompt was cut (in the middle of its longest line) to fit max_length
 
 
 class PromptEncoder:
@@ -51,15 +70,61 @@ class PromptEncoder:
         return self._ids(prefix + answer[: CHARS_PER_TOKEN * self.max_length]) + [self.tokenizer.eos_token_id]
 
     def prompt_ids(self, prompt: str, reserve: int = 0) -> tuple[list[int], bool]:
-        """Prompt tokens, cut on the left so that `reserve` more tokens still fit in max_length.
+        """Prompt tokens that leave `reserve` more tokens of max_length, and whether the prompt was cut.
 
-        Cutting on the left keeps the end of the prompt (the question and `Answer:`) next to the answer. The
-        raw prompt is cut by characters first (before a chat template, which only adds tokens around it)."""
+        A prompt too long loses the middle of its longest line (the passage or input text), so that its
+        head (the instruction, the option list) and its tail (the question and the answer cue) stay whole:
+        the model is never asked a question it cannot see. Only when the whole longest line is not enough
+        are the tokens cut in the middle (HEAD_SHARE of the room for the head). A raw prompt beyond the
+        character bound is first cut by characters in the same places."""
         room = max(self.max_length - reserve, 1)
-        keep = CHARS_PER_TOKEN * room
-        cut = len(prompt) > keep
-        ids = self._ids(self.prompt_text(prompt[-keep:] if cut else prompt))
-        return (ids[-room:], True) if cut or len(ids) > room else (ids, False)
+        bounded = self._bounded(prompt, room)
+        ids = self._ids(self.prompt_text(bounded))
+        if len(ids) <= room and bounded == prompt:
+            return ids, False
+        fitted = self._cut_longest_line(bounded, room)
+        if fitted is not None:
+            return fitted, True
+        ids = self._ids(self.prompt_text(bounded))
+        head = round(HEAD_SHARE * room)
+        return ids[:head] + ids[len(ids) - (room - head) :], True
+
+    def _bounded(self, prompt: str, room: int) -> str:
+        """The prompt within CHARS_PER_TOKEN characters per token of `room`, cut in its longest line."""
+        excess = len(prompt) - CHARS_PER_TOKEN * room
+        if excess <= 0:
+            return prompt
+        lines = prompt.split("\n")
+        longest = max(range(len(lines)), key=lambda k: len(lines[k]))
+        lines[longest] = _elide(lines[longest], max(len(lines[longest]) - excess, 0))
+        bounded = "\n".join(lines)
+        if len(bounded) <= CHARS_PER_TOKEN * room:
+            return bounded
+        keep = CHARS_PER_TOKEN * room  # many long lines: the characters' head and tail, as the tokens' below
+        return prompt[: round(HEAD_SHARE * keep)] + prompt[len(prompt) - (keep - round(HEAD_SHARE * keep)) :]
+
+    def _cut_longest_line(self, prompt: str, room: int) -> list[int] | None:
+        """The tokens of `prompt` with as much of its longest line kept as fits in `room` (found by
+        bisection on the characters kept), or None when the line removed whole is still too long."""
+        lines = prompt.split("\n")
+        longest = max(range(len(lines)), key=lambda k: len(lines[k]))
+
+        def tokens(keep: int) -> list[int]:
+            cut = [*lines[:longest], _elide(lines[longest], keep), *lines[longest + 1 :]]
+            return self._ids(self.prompt_text("\n".join(cut)))
+
+        best = tokens(0)
+        if len(best) > room:
+            return None
+        low, high = 0, len(lines[longest]) - 1  # the largest `keep` whose tokens fit lies in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            candidate = tokens(middle)
+            if len(candidate) <= room:
+                low, best = middle, candidate
+            else:
+                high = middle - 1
+        return best
 
     def encode(self, example: Example) -> Encoded:
         answer = self.answer_ids(example.answers[0])[: self.max_length - 1]  # never cut the answer by choice

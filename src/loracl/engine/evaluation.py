@@ -1,5 +1,6 @@
 """Evaluation: batched greedy generation (KV cache, left padding), each answer scored with its task's metric
-(loracl.engine.scoring: exact match or ROUGE-L as the field computes them), averaged per task, in percent.
+(loracl.engine.scoring: exact match and ROUGE-L as SuperNI's compute_metrics, TRACE's own per task), or with
+`eval.metric` for every task; averaged per task, in percent.
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ class Evaluator:
     """Generates answers for a task's test examples and scores them."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, encoder: PromptEncoder, batch_size: int, max_new_tokens: int
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: PromptEncoder,
+        batch_size: int,
+        max_new_tokens: int,
+        metric: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.metric = metric  # every task's metric when set (eval.metric); else each task's own convention
+
+    def metric_of(self, task: Task) -> str:
+        return self.metric or task.metric
 
     def new_token_budget(self, task: Task) -> int:
         """Classification answers are short: stop after the longest label (+ end of sequence)."""
@@ -97,7 +107,7 @@ class Evaluator:
         predictions = self.generate(model, prompts, budget)
         eos = self.tokenizer.eos_token
         scores = [
-            score(strip_token(p, eos), ex.answers, task.metric)
+            score(strip_token(p, eos), ex.answers, self.metric_of(task), ex.prompt)
             for p, ex in zip(predictions, task.test, strict=True)
         ]
         return TaskResult(100.0 * sum(scores) / len(scores), predictions)
@@ -113,4 +123,5 @@ class Evaluator:
 def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:
     """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
     encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
-    return Evaluator(tokenizer, encoder, config.eval.batch_size, config.eval.max_new_tokens)
+    e = config.eval
+    return Evaluator(tokenizer, encoder, e.batch_size, e.max_new_tokens, e.metric)

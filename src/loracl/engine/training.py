@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from loracl.config import TrainSection
 from loracl.data.text import Encoded
@@ -126,6 +130,19 @@ def _steps(batches: list[list[int]], epochs: float, rng: random.Random, reshuffl
         yield current[step % len(batches)]
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainSection, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate within one task: linear warm-up over `warmup_ratio` of its optimizer steps, then
+    constant (the default, as O-LoRA's and GainLoRA's scripts run), linear or cosine decay to 0."""
+    warmup = round(cfg.warmup_ratio * steps)
+    if cfg.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if cfg.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    return get_linear_schedule_with_warmup(optimizer, warmup, steps)
+
+
 class NonFiniteTraining(LoraclError):
     """The loss, or the trainable weights after an update, stopped being finite: training diverged."""
 
@@ -173,9 +190,7 @@ def train_task(
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(cfg.warmup_ratio * optimizer_steps), optimizer_steps
-    )
+    scheduler = make_scheduler(optimizer, cfg, optimizer_steps)
     model.train()
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
     bar = progress(total=micro_steps, desc=description, unit="step")

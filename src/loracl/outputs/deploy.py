@@ -23,7 +23,7 @@ from peft import PeftModel
 
 from loracl import __version__
 from loracl.config import ModelSection, RunConfig, load_config
-from loracl.data import load_tasks
+from loracl.data import default_order, load_tasks
 from loracl.engine import distributed
 from loracl.engine.evaluation import make_evaluator
 from loracl.errors import ConfigError, RunFolderError
@@ -188,8 +188,9 @@ def evaluate(source: Source, output: Path, device: str | None = None) -> dict[st
         "method": source.method,
         "model": source.config.model.name,
         "benchmark": b.name,
-        "order": None if b.tasks else b.order,
+        "order": None if b.tasks else b.order or default_order(b.name),
         "tasks": [t.name for t in tasks],
+        "task_metrics": [evaluator.metric_of(t) for t in tasks],
         "test_examples": [len(t.test) for t in tasks],
         "scores": scores,
         "average": sum(scores) / len(scores),

@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from loracl import __version__
 from loracl.config import RunConfig, build_config, dump_config, read_yaml
-from loracl.data import Task, load_tasks
+from loracl.data import Task, default_order, load_tasks
 from loracl.engine import distributed
 from loracl.engine.evaluation import make_evaluator
 from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
@@ -264,8 +264,9 @@ class ContinualRun:
             "data_free": self.method.data_free,
             "model": c.model.name,
             "benchmark": c.benchmark.name,
-            "order": None if c.benchmark.tasks else c.benchmark.order,
+            "order": None if c.benchmark.tasks else c.benchmark.order or default_order(c.benchmark.name),
             "tasks": [t.name for t in self.tasks],
+            "task_metrics": [self.evaluator.metric_of(t) for t in self.tasks],  # what each column scores
             "matrix": [],
             "matrix_rows": self._matrix_rows(),
             "zero_shot": None,
@@ -448,7 +449,8 @@ class ContinualRun:
             }
         )
         if stats and stats.truncated:
-            say(f"  note: {stats.truncated} prompts of {name} cut on the left to fit train.max_length")
+            cut = f"{stats.truncated} prompts of {name} cut (middle of their longest line)"
+            say(f"  note: {cut} to fit train.max_length")
         trained = (
             f"loss {stats.final_loss:.3f}, {stats.tokens_per_second:.0f} tok/s, train {stats.seconds:.0f} s"
             if stats
