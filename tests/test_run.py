@@ -17,6 +17,7 @@ from loracl.config import load_config
 from loracl.data import load_tasks
 from loracl.data.text import PromptEncoder
 from loracl.engine.evaluation import Evaluator
+from loracl.errors import DataError
 from loracl.methods import create_method
 from loracl.models.base_model import tiny_random_llama
 from loracl.models.lora import get_lora_state
@@ -209,6 +210,21 @@ def test_superni_benchmark_runs_with_rouge(tmp_path):
     assert results["task_metrics"] == ["rouge_l"] * 3
 
 
+def test_a_data_folder_without_a_benchmark_name_is_detected(tmp_path):
+    """benchmark.data_dir alone: the layout says superni; config.yaml records it, so a resume agrees."""
+    superni = ROOT.parent / "shared" / "data" / "superni_sample"
+    sets = ["model.name=tiny-random-llama", "model.device=cpu", f"benchmark.data_dir={superni}",
+            "benchmark.max_train=2", "benchmark.max_test=2", "eval.zero_shot=false", "eval.max_new_tokens=2",
+            "train.max_length=64"]  # fmt: skip
+    config = load_config(None, sets)
+    results = run(config, tmp_path / "detected")
+    assert results["benchmark"] == "superni" and len(results["tasks"]) == 3
+    assert load_config(tmp_path / "detected" / "config.yaml").benchmark.name == "superni"
+    forced = load_config(None, ["benchmark.name=cl_benchmark", f"benchmark.data_dir={superni}"])
+    with pytest.raises(DataError):  # a name given is never second-guessed
+        load_tasks(forced)
+
+
 def test_eval_metric_overrides_the_convention_and_is_recorded(tmp_path):
     config = load_config(TINY, ["benchmark.max_test=2", "eval.zero_shot=false", "eval.metric=rouge_l"])
     results = run(config, tmp_path / "rouge")
@@ -216,3 +232,27 @@ def test_eval_metric_overrides_the_convention_and_is_recorded(tmp_path):
     assert results["order"] is None  # the config names its tasks
     default = run(load_config(TINY, ["benchmark.max_test=2", "eval.zero_shot=false"]), tmp_path / "em")
     assert default["task_metrics"] == ["exact_match"] * 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "warmup", "expected"),
+    [
+        ("constant", 0.0, [1.0, 1.0, 1.0, 1.0]),  # O-LoRA's and GainLoRA's scripts
+        ("constant", 0.5, [0.0, 0.5, 1.0, 1.0]),
+        ("linear", 0.0, [1.0, 0.75, 0.5, 0.25]),
+        ("cosine", 0.0, [1.0, 0.8536, 0.5, 0.1464]),
+    ],
+)
+def test_learning_rate_schedules(kind: str, warmup: float, expected: list[float]) -> None:
+    from loracl.engine.training import make_scheduler
+
+    config = load_config(None, [f"train.lr_scheduler={kind}", f"train.warmup_ratio={warmup}"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, config.train, steps=4)
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(expected, abs=1e-4)
+    assert load_config(None).train.lr_scheduler == "constant"  # the field's default

@@ -155,6 +155,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval_overrides(args: argparse.Namespace) -> list[str]:
     """The benchmark options of `loracl eval` as config overrides (applied after --set). Values travel as
     quoted literals, never as YAML: `--tasks no` is the task "no", a --data-dir may hold ": "."""
+    from pathlib import Path
+
+    from loracl.data.check import detect_benchmark
     from loracl.outputs.deploy import assignment
 
     from .errors import ConfigError
@@ -173,6 +176,9 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(assignment("benchmark.tasks", tasks))
     if args.data_dir is not None:
         overrides.append(assignment("benchmark.data_dir", args.data_dir))
+        detected = None if args.benchmark is not None else detect_benchmark(Path(args.data_dir).expanduser())
+        if detected:  # another benchmark's folder than the run's: its layout says which
+            overrides.append(assignment("benchmark.name", detected))
     if args.max_test is not None:
         if args.max_test <= 0:
             raise ConfigError(f"--max-test: must be a positive number of examples (got {args.max_test})")

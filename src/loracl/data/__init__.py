@@ -7,7 +7,6 @@ from loracl.data.benchmarks import (
     default_order,
     folder_tasks,
     load_benchmark,
-    load_tasks,
     order_tasks,
     orders_for,
 )
@@ -26,6 +25,7 @@ from loracl.data.formats import (
     olora_prompt,
 )
 from loracl.data.paths import default_data_root
+from loracl.data.tasks import load_tasks, resolve_benchmark
 
 __all__ = [
     "EXACT_MATCH",
@@ -50,4 +50,5 @@ __all__ = [
     "olora_prompt",
     "order_tasks",
     "orders_for",
+    "resolve_benchmark",
 ]

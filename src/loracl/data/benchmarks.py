@@ -7,7 +7,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracl.config import RunConfig
 from loracl.data.formats import (
     TRACE_METRICS,
     Example,
@@ -253,18 +252,3 @@ def load_benchmark(
     # Aliases (task833 and its full name) resolve to one source: reject them too.
     _check_unique([(task, loaded_task.source) for task, loaded_task in zip(names, loaded, strict=True)])
     return [_prepare(task, max_train, max_test, validation_fraction, seed) for task in loaded]
-
-
-def load_tasks(config: RunConfig) -> list[Task]:
-    """The tasks a run config names (benchmark section; the seed picks capped examples)."""
-    b = config.benchmark
-    return load_benchmark(
-        b.name,
-        data_dir=b.data_dir,
-        order=b.order,
-        tasks=b.tasks,
-        max_train=b.max_train,
-        max_test=b.max_test,
-        validation_fraction=b.validation_fraction,
-        seed=config.train.seed,
-    )

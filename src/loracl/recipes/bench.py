@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from loracl.config import RunConfig, build_config, load_config_data
-from loracl.data import ORDERS, load_tasks
+from loracl.data import ORDERS, load_tasks, resolve_benchmark
 from loracl.engine.metrics import is_complete
 from loracl.errors import CheckpointError, ConfigError, RunInterrupted
 from loracl.files import UnsafeFileError, read_json_limited, read_text_limited
@@ -161,7 +161,8 @@ def plan_grid(
     cells = []
     for method in methods:
         for order in orders:
-            config = build_config(cell_data(base, method, order), f"{method.text} on {order.text}")
+            where = f"{method.text} on {order.text}"
+            config = resolve_benchmark(build_config(cell_data(base, method, order), where))
             try:
                 create_method(method.name, config.method_options(), config.lora)
             except ConfigError as exc:

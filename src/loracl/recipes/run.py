@@ -617,7 +617,7 @@ def prepare_run(
     nor destroys what was there."""
     distributed.init()
     method = create_method(config.method.name, config.method_options(), config.lora)
-    tasks = load_tasks(config)
+    tasks = load_tasks(config)  # also names the benchmark detected from the data folder, for config.yaml
     run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
     run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
     if not resume:
