@@ -454,16 +454,6 @@ def test_data_root_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # --- the real shared data -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shared_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("LORACL_DATA_DIR", raising=False)
-    try:
-        root = default_data_root()
-    except DataError:
-        pytest.skip("shared benchmark data not found")
-    if not (root / "cl_benchmark").is_dir() or not (root / "superni_sample").is_dir():
-        pytest.skip("shared benchmark data not found")
-    return root
 
 
 def test_shared_order1(shared_root: Path) -> None:

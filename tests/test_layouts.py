@@ -418,18 +418,6 @@ def test_benchmarks_lists_orders_by_benchmark(capsys: pytest.CaptureFixture) -> 
 # --- the real shared data ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shared_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    from loracl.data import default_data_root
-
-    monkeypatch.delenv("LORACL_DATA_DIR", raising=False)
-    try:
-        root = default_data_root()
-    except DataError:
-        pytest.skip("shared benchmark data not found")
-    if not (root / "cl_benchmark").is_dir() or not (root / "superni_sample").is_dir():
-        pytest.skip("shared benchmark data not found")
-    return root
 
 
 def test_shared_data_still_loads_and_is_detected(shared_root: Path, capsys: pytest.CaptureFixture) -> None:

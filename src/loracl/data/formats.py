@@ -23,8 +23,7 @@ from loracl.files import UnsafeFileError, first_lone_surrogate, read_text_limite
 
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rouge_l"
-# TRACE's own metric per task (its evaluations/*.py), by the names loracl.engine.scoring gives them (the
-# engine layer sits above this one, so the names are repeated here rather than imported).
+# TRACE's own metric per task (its evaluations/*.py); loracl.engine.scoring implements every name here.
 TRACE_ACCURACY = "trace_accuracy"
 TRACE_ROUGE_L = "trace_rouge_l"
 TRACE_EDIT_SIMILARITY = "trace_edit_similarity"

@@ -28,14 +28,15 @@ from rouge import Rouge
 from rouge_score import rouge_scorer
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from loracl.data.formats import (  # the names tasks carry in Task.metric
+    EXACT_MATCH,
+    ROUGE_L,
+    TRACE_ACCURACY,
+    TRACE_EDIT_SIMILARITY,
+    TRACE_ROUGE_L,
+    TRACE_SARI,
+)
 from loracl.data.text import ANSWER_SEPARATOR
-
-EXACT_MATCH = "exact_match"
-ROUGE_L = "rouge_l"
-TRACE_ACCURACY = "trace_accuracy"
-TRACE_ROUGE_L = "trace_rouge_l"
-TRACE_EDIT_SIMILARITY = "trace_edit_similarity"
-TRACE_SARI = "trace_sari"
 
 Metric = Callable[[str, Sequence[str], str], float]
 
