@@ -4,10 +4,12 @@ so training and evaluation always agree."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from loracl.data import Example
+
+if TYPE_CHECKING:  # a type only: importing transformers costs ~0.3 s, and scoring imports this module
+    from transformers import PreTrainedTokenizerBase
 
 ANSWER_SEPARATOR = " "  # prompts end with "Answer:"; the answer follows after one space
 

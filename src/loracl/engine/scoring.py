@@ -23,10 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-
-from rouge import Rouge
-from rouge_score import rouge_scorer
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+from typing import Any
 
 from loracl.data.formats import (  # the names tasks carry in Task.metric
     EXACT_MATCH,
@@ -54,8 +51,13 @@ def exact_match(prediction: str, references: Sequence[str], source: str = "") ->
     return float(any(pred == normalize_answer(ref) for ref in references))
 
 
+# The scorers' libraries are imported on first use: nltk alone (under rouge-score) costs ~0.2 s at import.
+
+
 @lru_cache(maxsize=1)
-def _rouge() -> rouge_scorer.RougeScorer:
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -124,7 +126,9 @@ def trace_accuracy(prediction: str, references: Sequence[str], source: str = "")
 
 
 @lru_cache(maxsize=1)
-def _trace_rouge() -> Rouge:
+def _trace_rouge() -> Any:
+    from rouge import Rouge
+
     return Rouge(metrics=["rouge-l"])
 
 
@@ -200,7 +204,9 @@ _SARI_ORDERS = (1, 2, 3, 4)
 
 
 @lru_cache(maxsize=1)
-def _tokenizer_13a() -> Tokenizer13a:
+def _tokenizer_13a() -> Any:
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
     return Tokenizer13a()
 
 
