@@ -252,6 +252,37 @@ def test_shared_method_options_apply_to_every_cell_and_a_spec_overrides_them():
     assert base["method"]["schedule"] == "inv"  # the shared base is not modified
 
 
+def test_a_method_may_have_its_own_config_keys(tmp_path, no_runs):
+    """Papers tune each method on its own: `seq_lora:train.lr=3e-4` changes seq_lora's cells alone, over a
+    shared --set; the grid records it in each cell's config."""
+    spec = parse_method("seq_lora:train.lr=0.0003:method.lam=2")
+    assert (spec.options, spec.settings) == ({}, {"train.lr": 0.0003, "method.lam": 2})
+    base = {"train": {"lr": 1e-3}, "benchmark": {"max_test": 2}}
+    data = bench.cell_data(base, spec, parse_order("order1"))
+    assert data["train"]["lr"] == 0.0003 and data["method"]["lam"] == 2 and base["train"]["lr"] == 1e-3
+    out = tmp_path / "grid"
+    assert main(bench_args(out, methods="slao,seq_lora:train.lr=3e-4", orders="COPA+SST-2")) == 0
+    configs = {c["method"]: c["config"] for c in json.loads((out / "bench.json").read_text())["cells"]}
+    assert configs["seq_lora:train.lr=3e-4"]["train"]["lr"] == 3e-4 and configs["slao"]["train"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seq_lora:benchmark.order=order2", "benchmark.order is set by the bench"),
+        ("seq_lora:output_dir=x", "output_dir is set by the bench"),
+        ("seq_lora:train.nosuch=1", "unknown key 'train.nosuch'"),
+        ("seq_lora:train.lr=[a", "invalid YAML"),
+    ],
+)
+def test_a_methods_config_keys_are_checked_before_anything_runs(tmp_path, no_runs, capsys, text, message):
+    out = tmp_path / "grid"
+    assert main(bench_args(out, methods=f"slao,{text}", orders="COPA+SST-2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert no_runs == [] and not out.exists()
+
+
 # -- the report on hand-made cells with known metrics ----------------------------------------------
 
 

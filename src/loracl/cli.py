@@ -39,7 +39,9 @@ complete and holds the same resolved config (up to output_dir, model.cache_dir a
 matrix does not stand in for a full one) is skipped, so rerunning the same command resumes the grid.
 A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; the others still run and
 the exit status is 1. Options in the config's method section apply to every method; give one method its
-own with NAME:KEY=VALUE. The base model is evaluated once per order (scores cached in DIR/_zero_shot/)."""
+own with NAME:KEY=VALUE, and any config key for its cells alone with a dotted key, e.g.
+seq_lora:train.lr=3e-4 or ewc:method.lam=1000 (not benchmark.order/tasks or output_dir, which the grid
+sets). The base model is evaluated once per order (scores cached in DIR/_zero_shot/)."""
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -251,7 +253,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML config shared by every cell (omit for the defaults)")
     p.add_argument(
         "--methods",
-        help="comma-separated methods (`loracl methods`); NAME:KEY=VALUE[:KEY=VALUE] gives one its options",
+        help="comma-separated methods (`loracl methods`); NAME:KEY=VALUE[:KEY=VALUE] gives one its options "
+        "(KEY a method option) or its own config keys (KEY dotted, e.g. seq_lora:train.lr=3e-4)",
     )
     p.add_argument(
         "--orders",

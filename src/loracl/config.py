@@ -235,22 +235,31 @@ def _load_yaml(text: str, source: str) -> Any:
     return data
 
 
+def parse_value(raw: str, source: str) -> Any:
+    """A YAML value given on the command line (`--set`, `bench --methods`), bounded like a config file's."""
+    return _load_yaml(raw, source) if raw.strip() else None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set `dotted.key` to `value` in a nested dict, in place, creating sections as needed."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{source}: empty key segment in {key!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=yaml_value` assignment to a nested dict, in place."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key segment")
-    value = _load_yaml(raw, f"--set {key}") if raw.strip() else None
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+    set_dotted(data, key, parse_value(raw, f"--set {key}"), f"--set {key}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

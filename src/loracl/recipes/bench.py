@@ -26,10 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from loracl.config import RunConfig, build_config, load_config_data
+from loracl.config import RunConfig, build_config, load_config_data, parse_value, set_dotted
 from loracl.data import ORDERS, load_tasks, resolve_benchmark
 from loracl.engine.metrics import is_complete
 from loracl.errors import CheckpointError, ConfigError, RunInterrupted
@@ -67,11 +66,14 @@ def _dirname(text: str) -> str:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method of the grid: `name` or `name:key=value:key=value` (per-method options, for ablations)."""
+    """One method of the grid: `name`, or `name:key=value:...` where a plain key is one of the method's
+    options (`slao:schedule=inv`, for ablations) and a dotted key any config key for this method's cells
+    alone (`seq_lora:train.lr=3e-4`: papers tune each method on its own)."""
 
     text: str
     name: str
     options: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
 
 
 @dataclass(frozen=True)
@@ -92,18 +94,24 @@ def _split(text: str, what: str) -> list[str]:
     return items
 
 
+# Keys the bench sets for every cell itself: a method may not move its cells to other tasks or folders.
+_BENCH_KEYS = ("benchmark.order", "benchmark.tasks", "output_dir", "method.name")
+
+
 def parse_method(text: str) -> MethodSpec:
     name, *assignments = text.split(":")
     options: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--methods: {text!r}: expected NAME:KEY=VALUE, e.g. slao:schedule=inv")
-        try:
-            options[key] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--methods: {text!r}: value of {key} is not valid YAML") from exc
-    return MethodSpec(text, name, options)
+            example = "slao:schedule=inv or seq_lora:train.lr=3e-4"
+            raise ConfigError(f"--methods: {text!r}: expected NAME:KEY=VALUE, e.g. {example}")
+        if key in _BENCH_KEYS:
+            raise ConfigError(f"--methods: {text!r}: {key} is set by the bench for every cell")
+        value = parse_value(raw, f"--methods {text}: {key}")
+        (settings if "." in key else options)[key] = value
+    return MethodSpec(text, name, options, settings)
 
 
 def parse_order(text: str) -> OrderSpec:
@@ -141,11 +149,14 @@ class Cell:
 
 
 def cell_data(base: dict[str, Any], method: MethodSpec, order: OrderSpec) -> dict[str, Any]:
-    """The config mapping of one cell: the base config's method options, then the spec's own, on top."""
+    """The config mapping of one cell: the base config's method options, then the spec's own options and
+    config keys, on top."""
     data = json.loads(json.dumps(base))  # deep copy of plain YAML data
     section = data.get("method")
     shared = {k: v for k, v in section.items() if k != "name"} if isinstance(section, dict) else {}
     data["method"] = {"name": method.name, **shared, **method.options}
+    for key, value in method.settings.items():  # this method's own config keys, over the shared ones
+        set_dotted(data, key, value, f"--methods {method.text}")
     bench = data.setdefault("benchmark", {})
     bench["order"] = order.order
     bench["tasks"] = list(order.tasks) if order.tasks else None
