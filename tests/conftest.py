@@ -7,6 +7,9 @@ from pathlib import Path
 # machine the threads only thrash (a tiny run: ~1 s with one thread, ~13 s with two under load). Set before
 # torch is imported, so the subprocesses that tests launch inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Progress lines on a non-terminal stderr (every 30 s by default) would interleave with the one-line errors
+# the tests read; the test of those lines sets its own interval.
+os.environ.setdefault("LORACL_PROGRESS_SECONDS", "3600")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -256,3 +256,28 @@ def test_learning_rate_schedules(kind: str, warmup: float, expected: list[float]
         scheduler.step()
     assert seen == pytest.approx(expected, abs=1e-4)
     assert load_config(None).train.lr_scheduler == "constant"  # the field's default
+
+
+def test_a_run_logs_plain_progress_lines_when_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
+    """Under nohup or a scheduler a bar is useless: one line per interval instead (0 s here: every step)."""
+    monkeypatch.setenv("LORACL_PROGRESS_SECONDS", "0")
+    assert main(["run", str(TINY), "--output", str(tmp_path / "run"), "--set", "eval.zero_shot=false"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("task 1/3 dbpedia: ")]
+    assert lines and lines[0].startswith("task 1/3 dbpedia: 1/3 steps (33%), loss ")
+    assert "s elapsed, ~" in lines[0] and "\r" not in err
+    assert any(line.startswith("eval after dbpedia: 1/3 tasks (33%)") for line in err.splitlines())
+
+
+def test_each_task_leaves_its_training_log(tmp_path):
+    """tasks/<i>-<task>/train_log.jsonl: one record per step (loss, the rate used, gradient norm at each
+    optimizer step, tokens/s, elapsed), the curve behind the final loss in results.json."""
+    config = load_config(TINY, ["eval.zero_shot=false", "train.grad_accum=2", "train.lr_scheduler=linear"])
+    results = run(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/tasks/1-dbpedia/train_log.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, results["per_task"][0]["train_steps"] + 1))
+    assert records[-1]["loss"] == pytest.approx(results["per_task"][0]["final_loss"])
+    updates = [r for r in records if r["lr"] is not None]
+    assert [r["step"] for r in updates] == [2, 3]  # every second step, and the last one
+    assert updates[0]["lr"] == pytest.approx(1e-3) and updates[1]["lr"] < updates[0]["lr"]  # linear decay
+    assert all(r["grad_norm"] > 0 for r in updates) and all(r["tokens_per_s"] > 0 for r in records)

@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ class TrainStats:
     seconds: float
     final_loss: float
     truncated: int  # prompts cut to fit max_length
+    # per step: step, loss, lr and grad_norm (at optimizer steps, else None), tokens_per_s, elapsed
+    log: list[dict[str, float | None]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -143,6 +145,14 @@ def make_scheduler(
     return get_linear_schedule_with_warmup(optimizer, warmup, steps)
 
 
+def gradient_norm(params: Sequence[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' total L2 norm before clipping, clipping them to `max_norm` when one is set."""
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 class NonFiniteTraining(LoraclError):
     """The loss, or the trainable weights after an update, stopped being finite: training diverged."""
 
@@ -194,6 +204,7 @@ def train_task(
     model.train()
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
     bar = progress(total=micro_steps, desc=description, unit="step")
+    log: list[dict[str, float | None]] = []  # one record per step: TrainStats.log, the run's train_log.jsonl
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
         check_interrupt()  # SIGINT/SIGTERM: stop here, between two steps
         examples = method.augment_batch([encoded[i] for i in batch_ids])
@@ -207,11 +218,12 @@ def train_task(
         if parts:
             (sum(parts) / cfg.grad_accum).backward()
         method.after_backward(model)
+        grad_norm = lr = None
         if step % cfg.grad_accum == 0 or step == micro_steps:
             all_reduce_gradients(params)
             method.before_optimizer_step(model)
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = gradient_norm(params, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -219,6 +231,10 @@ def train_task(
             check_finite(_nonfinite_entries(params), "the update left non-finite weights", description, step)
         tokens += sum(len(e.input_ids) for e in examples)
         elapsed = time.perf_counter() - start
+        log.append(
+            {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+             "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed": elapsed}
+        )  # fmt: skip
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         bar.update()
     bar.close()
@@ -229,4 +245,5 @@ def train_task(
         seconds=time.perf_counter() - start,
         final_loss=loss_value,
         truncated=sum(e.truncated for e in encoded),
+        log=log,
     )

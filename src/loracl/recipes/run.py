@@ -42,6 +42,7 @@ from loracl.files import (
     remove_stale_temporaries,
     write_failure_reason,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from loracl.locking import LOCK_NAME, FolderLock
 from loracl.methods import ContinualMethod, create_method
@@ -368,6 +369,7 @@ class ContinualRun:
         )
         self.method.after_task(self.model, ctx)
         self.check_replicas()
+        distributed.on_main(lambda: write_jsonl_atomic(stats.log, ctx.task_dir / "train_log.jsonl"))
         return stats
 
     def check_replicas(self) -> None:
