@@ -281,3 +281,26 @@ def test_each_task_leaves_its_training_log(tmp_path):
     assert [r["step"] for r in updates] == [2, 3]  # every second step, and the last one
     assert updates[0]["lr"] == pytest.approx(1e-3) and updates[1]["lr"] < updates[0]["lr"]  # linear decay
     assert all(r["grad_norm"] > 0 for r in updates) and all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_predictions_are_kept_and_shown(tmp_path, capsys):
+    """tasks/<i>-<task>/predictions.jsonl after each evaluation; `loracl show` prints a task's answers (all,
+    or the misses); eval.json carries the references beside the predictions."""
+    out = tmp_path / "run"
+    assert main(["run", str(TINY), "--output", str(out), "--set", "eval.zero_shot=false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["show", str(out), "--task", "amazon"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(shown) == results["per_task"][1]["test_examples"]
+    assert {r["task"] for r in shown} == {"amazon"} and all(r["metric"] == "exact_match" for r in shown)
+    assert 100 * sum(r["score"] for r in shown) / len(shown) == pytest.approx(results["matrix"][-1][1])
+    assert main(["show", str(out), "--task", "amazon", "--wrong"]) == 0
+    assert all(json.loads(line)["score"] < 1 for line in capsys.readouterr().out.splitlines())
+    assert main(["show", str(out), "--task", "agnews", "--step", "1"]) == 0  # after task 1: every task
+    assert len(capsys.readouterr().out.splitlines()) == results["per_task"][2]["test_examples"]
+    assert main(["show", str(out), "--task", "nosuch"]) == 2
+    assert "no task 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", str(out)]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert len(evaluated["references"]["amazon"]) == len(evaluated["predictions"]["amazon"])

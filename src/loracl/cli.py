@@ -403,6 +403,33 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show",
+        help="print a run's answers on a task's test examples",
+        description="Print, one JSON line each, a run's answers on one task's test examples (prediction, "
+        "references, score, metric), from the evaluation after its last training step, or after --step N.",
+        epilog="examples:\n  loracl show runs/slao --task dbpedia --wrong\n  loracl show runs/slao --task "
+        "amazon --step 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--task", required=True, help="the task's name")
+    p.add_argument("--wrong", action="store_true", help="only the answers that did not score full marks")
+    p.add_argument("--step", type=int, help="the evaluation after training step N (default: the last)")
+    p.set_defaults(handler=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from loracl.outputs.show import show
+
+    for record in show(args.run_dir, args.task, args.wrong, args.step):
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loracl",
@@ -430,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the benchmark formats and the named task orders.",
     ).set_defaults(handler=_cmd_benchmarks)
     _add_data(sub)
+    _add_show(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ from loracl.engine.scoring import score, strip_token
 class TaskResult:
     score: float  # percent
     predictions: list[str]
+    example_scores: list[float]  # per test example, in [0, 1]
 
 
 class Evaluator:
@@ -110,14 +111,16 @@ class Evaluator:
             score(strip_token(p, eos), ex.answers, self.metric_of(task), ex.prompt)
             for p, ex in zip(predictions, task.test, strict=True)
         ]
-        return TaskResult(100.0 * sum(scores) / len(scores), predictions)
+        return TaskResult(100.0 * sum(scores) / len(scores), predictions, scores)
+
+    def evaluate_tasks(
+        self, model: torch.nn.Module, tasks: Sequence[Task], description: str
+    ) -> list[TaskResult]:
+        model.eval()
+        return [self.evaluate(model, task) for task in progress(tasks, desc=description, unit="task")]
 
     def evaluate_all(self, model: torch.nn.Module, tasks: Sequence[Task], description: str) -> list[float]:
-        model.eval()
-        results = []
-        for task in progress(tasks, desc=description, unit="task"):
-            results.append(self.evaluate(model, task).score)
-        return results
+        return [result.score for result in self.evaluate_tasks(model, tasks, description)]
 
 
 def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Evaluator:

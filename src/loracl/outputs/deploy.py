@@ -198,6 +198,8 @@ def evaluate(source: Source, output: Path, device: str | None = None) -> dict[st
         "processes": distributed.world_size(),
         "loracl_version": __version__,
         "predictions": {t.name: o.predictions for t, o in zip(tasks, outcomes, strict=True)},
+        "references": {t.name: [list(ex.answers) for ex in t.test] for t in tasks},  # the golds, in order
+        "example_scores": {t.name: o.example_scores for t, o in zip(tasks, outcomes, strict=True)},
     }
     distributed.on_main(lambda: _write_results(results, output))
     return results

@@ -30,7 +30,7 @@ from loracl import __version__
 from loracl.config import RunConfig, build_config, dump_config, read_yaml
 from loracl.data import Task, default_order, load_tasks
 from loracl.engine import distributed
-from loracl.engine.evaluation import make_evaluator
+from loracl.engine.evaluation import TaskResult, make_evaluator
 from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
 from loracl.engine.metrics import all_metrics, other_conventions
 from loracl.engine.training import NonFiniteTraining, TrainStats, train_task
@@ -50,6 +50,7 @@ from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model
 from loracl.models.lora import check_lora_targets
 from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
+from loracl.outputs.show import PREDICTIONS  # in tasks/<i>-<task>/: the evaluation after task i
 from loracl.recipes.checkpoint import (
     CHECKPOINT_DIR,
     LATEST,
@@ -206,6 +207,7 @@ class ContinualRun:
 
     def __post_init__(self) -> None:
         self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
+        self.outcomes: dict[int, TaskResult] = {}  # the last evaluation's, by 0-based task index
         self.encoder = self.evaluator.encoder
         set_seed(self.config.train.seed)  # the same initial adapters on every process
         self.model = self.method.prepare_model(self.loaded.model)
@@ -300,11 +302,27 @@ class ContinualRun:
         seconds it took."""
         start = time.perf_counter()
         chosen = list(range(len(self.tasks))) if wanted is None else sorted(wanted)
-        found = self.evaluator.evaluate_all(self.model, [self.tasks[j] for j in chosen], description)
+        found = self.evaluator.evaluate_tasks(self.model, [self.tasks[j] for j in chosen], description)
+        self.outcomes = dict(zip(chosen, found, strict=True))
         scores: list[float | None] = [None] * len(self.tasks)
-        for j, value in zip(chosen, found, strict=True):
-            scores[j] = value
+        for j, outcome in self.outcomes.items():
+            scores[j] = outcome.score
         return scores, time.perf_counter() - start
+
+    def write_predictions(self, folder: Path) -> None:
+        """predictions.jsonl in a training step's folder: every test example of every task the evaluation
+        after that step scored (task, id, prediction, references, score, metric), to see what was missed
+        (`loracl show`)."""
+        records = [
+            {"task": task.name, "id": k, "prediction": prediction, "references": list(example.answers),
+             "score": value, "metric": self.evaluator.metric_of(task)}
+            for j, outcome in sorted(self.outcomes.items())
+            for task in [self.tasks[j]]
+            for k, (example, prediction, value) in enumerate(
+                zip(task.test, outcome.predictions, outcome.example_scores, strict=True)
+            )
+        ]  # fmt: skip
+        distributed.on_main(lambda: write_jsonl_atomic(records, folder / PREDICTIONS))
 
     def tasks_to_evaluate(self, index: int) -> list[int] | None:
         """After training task `index` (1-based): None (every task), or with `eval.matrix: metrics` the
@@ -394,8 +412,10 @@ class ContinualRun:
         stats = self.train(ctx, f"task {index}/{T} {task.name}") if self.method.trains else None
         if self.method.trains:
             scores, eval_seconds = self.evaluate_all(f"eval after {task.name}", self.tasks_to_evaluate(index))
+            self.write_predictions(ctx.task_dir)
         elif not self.results["matrix"]:
             scores, eval_seconds = self.evaluate_all(f"eval after {task.name}")
+            self.write_predictions(ctx.task_dir)
         else:
             scores, eval_seconds = list(self.results["matrix"][-1]), 0.0
         self.results["matrix"].append(scores)
@@ -411,6 +431,7 @@ class ContinualRun:
         ctx = self.context(1, joint, "joint")
         stats = self.train(ctx, f"joint training on {len(self.tasks)} tasks")
         scores, eval_seconds = self.evaluate_all("eval after joint training")
+        self.write_predictions(ctx.task_dir)
         self.results["matrix"] = [list(scores) for _ in self.tasks]
         tests = sum(len(t.test) for t in self.tasks)
         self.record("[joint]", f"joint ({names})", len(union), tests, stats, scores, eval_seconds)
