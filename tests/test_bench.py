@@ -327,3 +327,18 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     cells = write_bench_report(tmp_path)
     assert [c.status for c in cells][:3] == ["ok", "ok", "stale"]  # finished with another config: not counted
     assert "| slao | yes | continual | 75.0 ± 7.1 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_table_gives_intervals_and_paired_comparisons(grid):
+    """Cells keep their predictions, so bench.md gives each method's AP with a bootstrap interval over the
+    test examples and every pair's difference with its paired interval and a verdict."""
+    text = (grid / "bench.md").read_text()
+    section = text[text.index("## Intervals and paired comparisons") : text.index("## Every cell")]
+    assert "| slao |" in section and "| seq_lora |" in section
+    row = next(line for line in section.splitlines() if line.startswith("| slao − seq_lora |"))
+    assert "resolved" in row  # "resolved" or "not resolved (...)"
+    # the interval's centre is the AP the table reports, averaged over the orders
+    ap = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in section.splitlines()
+          if line.startswith("| slao |") or line.startswith("| seq_lora |")}  # fmt: skip
+    means = {m: sum(float(r["AP"]) for r in read_csv(grid / "bench.csv") if r["method"] == m) / 2 for m in ap}
+    assert ap == pytest.approx(means, abs=0.05)

@@ -31,11 +31,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from loracl.config import RunConfig, build_config, load_config_data, parse_value, set_dotted
 from loracl.data import ORDERS, load_tasks, resolve_benchmark
 from loracl.engine.metrics import is_complete
-from loracl.errors import CheckpointError, ConfigError, RunInterrupted
+from loracl.engine.statistics import DRAWS, ap_interval, examples_to_resolve, paired_difference
+from loracl.errors import CheckpointError, ConfigError, LoraclError, RunInterrupted
 from loracl.files import UnsafeFileError, read_json_limited, read_text_limited
 from loracl.locking import LOCK_NAME, FolderBusy
 from loracl.methods import create_method, method_class
 from loracl.outputs.report import setup_line
+from loracl.outputs.show import predictions_file, read_predictions
 from loracl.recipes import run as runner
 from loracl.recipes import workers
 from loracl.recipes.checkpoint import checkpoint_version
@@ -581,7 +583,9 @@ def _orders_text(manifest: dict[str, Any]) -> str:
     )
 
 
-def bench_markdown(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
+def bench_markdown(
+    manifest: dict[str, Any], cells: list[CellResult], family: str | None, output: Path | None = None
+) -> str:
     base = manifest["cells"][0]["config"]
     ok = [c for c in cells if c.status == "ok"]
     devices = sorted({c.results.get("device", "?") for c in ok}) or ["n/a"]
@@ -613,6 +617,8 @@ of a finished task is kept; role `upper_bound` / `reference` are comparison poin
 
 {ranking_line(manifest, cells)}
 
+{statistics_section(manifest, cells, output)}
+
 ## Every cell (method × order)
 
 {cells_table(cells)}
@@ -623,6 +629,69 @@ of a finished task is kept; role `upper_bound` / `reference` are comparison poin
 
 ![AP and BWT per method](bench.png)
 """
+
+
+def final_scores(output: Path, entry: dict[str, Any], tasks: list[str]) -> list[list[float]] | None:
+    """A finished cell's per-example scores on every task after its last step (from its predictions.jsonl),
+    in task order; None when the cell kept no predictions (run by an older loracl) or misses a task."""
+    try:
+        path = predictions_file(output / entry["path"], None)
+        records = list(read_predictions(path))
+    except LoraclError:
+        return None
+    by_task: dict[str, list[float]] = {}
+    for record in records:
+        by_task.setdefault(str(record.get("task")), []).append(float(record["score"]))
+    return [by_task[t] for t in tasks] if all(t in by_task for t in tasks) else None
+
+
+def statistics_section(manifest: dict[str, Any], cells: list[CellResult], output: Path | None = None) -> str:
+    """95 % bootstrap intervals of AP per method (over test examples; orders fixed) and a paired comparison
+    of every two methods on the same examples, each marked resolved or not (engine.statistics)."""
+    if output is None:
+        return ""
+    scores: dict[str, dict[str, list[list[float]]]] = {}
+    for entry, cell in zip(manifest["cells"], cells, strict=True):
+        found = final_scores(output, entry, cell.results.get("tasks", [])) if cell.status == "ok" else None
+        if found is not None:
+            scores.setdefault(cell.method, {})[cell.order] = found
+    orders = manifest["orders"]
+    complete = {m: [found[o] for o in orders] for m, found in scores.items() if set(found) >= set(orders)}
+    if not complete:
+        return "## Intervals\n\nNo method has predictions kept in every order (older cells): no interval."
+    lines = [
+        "## Intervals and paired comparisons",
+        "",
+        f"95 % bootstrap intervals over the test examples (each task resampled within itself, {DRAWS} draws; "
+        "the orders are fixed: the spread between orders is the table's std). A difference is **resolved** "
+        "when its paired interval (the same examples for both methods) excludes 0.",
+        "",
+        "| method | AP | 95 % interval |",
+        "|---|---|---|",
+    ]
+    for method, orders_scores in complete.items():
+        interval = ap_interval(orders_scores)
+        lines.append(f"| {method} | {interval.value:.1f} | {interval.low:.1f} – {interval.high:.1f} |")
+    lines += ["", "| difference | AP points | 95 % interval | verdict |", "|---|---|---|---|"]
+    names = list(complete)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            lines.append(_comparison_row(first, second, complete))
+    return "\n".join(lines)
+
+
+def _comparison_row(first: str, second: str, complete: dict[str, list[list[list[float]]]]) -> str:
+    try:
+        diff = paired_difference(complete[first], complete[second])
+    except ValueError:
+        return f"| {first} − {second} | n/a | not the same test examples | n/a |"
+    if diff.resolved:
+        verdict = "resolved"
+    else:
+        per_task = min(len(task) for order in complete[first] for task in order)
+        needed = examples_to_resolve(diff, per_task)
+        verdict = "not resolved" + (f" (~{needed} test examples per task would resolve it)" if needed else "")
+    return f"| {first} − {second} | {diff.value:+.1f} | {diff.low:+.1f} – {diff.high:+.1f} | {verdict} |"
 
 
 def write_csv(cells: list[CellResult], path: Path) -> None:
@@ -681,7 +750,7 @@ def write_bench_report(output: str | Path) -> list[CellResult]:
     manifest = read_manifest(output)
     cells = [read_cell(output, entry) for entry in manifest["cells"]]
     family = paper_family(manifest["orders"], manifest["cells"][0]["config"]["benchmark"]["name"])
-    (output / "bench.md").write_text(bench_markdown(manifest, cells, family), encoding="utf-8")
+    (output / "bench.md").write_text(bench_markdown(manifest, cells, family, output), encoding="utf-8")
     write_csv(cells, output / "bench.csv")
     plot_bench(manifest, cells, family, output / "bench.png")
     done = sum(c.status == "ok" for c in cells)
