@@ -37,20 +37,22 @@ def write_json_durable(data: Any, path: Path) -> None:
     write_durable(path, lambda handle: handle.write(json.dumps(data, indent=2).encode("utf-8")))
 
 
-def write_jsonl_atomic(records: list[Any], path: Path) -> None:
-    """One JSON value per line, written like write_json_atomic (a reader sees the old file or the new)."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, flush to disk, then rename: readers never see a torn file. The temporary
+    name is the process's own, so processes writing the same file side by side never share one."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    text = "".join(json.dumps(record) + "\n" for record in records)
     write_durable(tmp, lambda handle: handle.write(text.encode("utf-8")))
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(records: list[Any], path: Path) -> None:
+    """One JSON value per line, atomically (see _write_atomic)."""
+    _write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers never see a torn file. The temporary
-    name is the process's own, so processes writing the same file side by side never share one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write_json_durable(data, tmp)
-    os.replace(tmp, path)
+    """A JSON file, atomically (see _write_atomic)."""
+    _write_atomic(path, json.dumps(data, indent=2))
 
 
 # Reading files that someone else may have written (data, prompts, run folders): only regular files, never

@@ -130,11 +130,6 @@ def _check_fits(adapter: PeftFolder, base_model: PreTrainedModel, rank: int | No
             )
 
 
-def check_adapter_fits(directory: Path, base_model: PreTrainedModel, rank: int | None = None) -> None:
-    """Refuse (AdapterMismatchError) an adapter folder whose layers or rank do not fit `base_model`."""
-    _check_fits(read_peft_folder(Path(directory)), base_model, rank)
-
-
 @contextlib.contextmanager
 def _peft_loading(directory: Path) -> Iterator[None]:
     """PEFT's exceptions as one line; its warning about keys it did not load is left to `_check_loaded`,
