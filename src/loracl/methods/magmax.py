@@ -1,8 +1,11 @@
 """MagMax (Marczak et al., ECCV 2024; METHODS.md, "magmax"): sequential fine-tuning + max-magnitude merge.
 
 After task i, per adapted layer and per entry, the merged delta takes the task vector entry of largest
-magnitude among τ_1..τ_i (τ_j = the sequentially fine-tuned LoRA's s B_j A_j after task j), scaled by λ
-(0.5, the authors' setting). The merged delta is truncated back to one LoRA (see merging_base).
+magnitude among τ_1..τ_i (τ_j = the sequentially fine-tuned LoRA's s B_j A_j after task j; on equal
+magnitudes the later task), scaled by λ (0.5, the authors' setting): the model is W_0 + λ·maxmag(τ_1..τ_i).
+The authors do this on full weights (τ_j = θ_j − θ_0 of sequential fine-tuning) and a per-entry selection
+is in general of full rank, so the merged delta is kept at full rank, exactly, by default; `rank: k`
+truncates it by SVD to one rank-k LoRA and reports the energy kept (see merging_base; METHODS.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class MagMaxOptions(MergingOptions):
 class MagMax(MergingMethod):
     name = "magmax"
     summary = (
-        "sequential LoRA fine-tuning; per entry the task-vector value of largest magnitude, SVD to a LoRA"
+        "sequential LoRA fine-tuning; per entry the task-vector value of largest magnitude; full rank (or "
+        "SVD to rank k)"
     )
     Options = MagMaxOptions
     options: MagMaxOptions

@@ -1,13 +1,24 @@
 """The shared base of the merging methods (magmax, task_arithmetic, ties; METHODS.md, "magmax").
 
 Underneath is sequential fine-tuning: one LoRA (PEFT adapter "default") trained task after task, never
-reset. After task i its task vector τ_i = s B_i A_i is stored (as the LoRA factors), the subclass's merge
-rule combines τ_1..τ_i into one dense delta per layer, and loracl.models.merging truncates it back to a
-LoRA of
-rank k. That LoRA lives in a second stock PEFT adapter, "merged" (r = lora_alpha = k), which is what gets
-evaluated after every task (so the T × T matrix is the merged model's) and exported into `adapter/`.
+reset. After task i its task vector τ_i = s B_i A_i is stored (as the LoRA factors), and the subclass's merge
+rule combines τ_1..τ_i into one dense delta ΔW per layer. That delta lives in a second stock PEFT adapter,
+"merged" (scaling 1: lora_alpha = r), which is what gets evaluated after every task (so the T × T matrix is
+the merged model's) and exported into `adapter/`.
+
+Why full rank by default: the authors of MagMax, TIES and task arithmetic merge full weights,
+θ_0 + λ·merge(τ), and the merged ΔW is in general of full rank, so cutting it back to rank lora.r would
+evaluate another model than theirs (METHODS.md: "the default keeps the merged ΔW at full rank (exact)").
+With `rank` unset, each layer's ΔW is written exactly as its SVD, B = U Σ, A = Vᵀ with every singular
+direction (loracl.models.merging). One adapter has one rank: r is the largest min(m, n) of the adapted
+layers, and a layer with a smaller side has its extra factor rows / columns zero, so stock PEFT and loracl's
+loader read the folder as any LoRA (a per-layer `rank_pattern` would spare those zeros, but loracl's loader
+checks every layer against the config's one `r`). `rank: k` truncates ΔW by SVD to the best rank-k LoRA
+instead, the single deployable LoRA of METHODS.md, and reports the energy kept.
+
 Per task, `tasks/<i>-<task>/` holds `adapter_ft/` (the sequential LoRA), `adapter_merged/` and
-`merge_info.json` (rank and energy kept per layer); results.json summarises them in `method_info`.
+`merge_info.json` (per layer: rank "full" or k, energy kept, numerical rank of ΔW); results.json summarises
+them in `method_info` (merged_rank "full" or k, adapter_rank, energy_kept_mean / _min, dense_rank_max).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from peft import PeftModel
 from pydantic import Field
 
 from loracl.engine import distributed
+from loracl.errors import CheckpointError
 from loracl.methods.context import TaskContext
 from loracl.models.lora import (
     DEFAULT_ADAPTER,
@@ -43,7 +55,9 @@ MERGED_ADAPTER = "merged"
 
 class MergingOptions(MethodOptions):
     rank: int | None = Field(
-        None, gt=0, description="rank of the exported LoRA after SVD truncation (default: lora.r, as PEFT)"
+        None,
+        gt=0,
+        description="truncate the merged delta by SVD to one LoRA of this rank (default: full rank, exact)",
     )
 
 
@@ -63,19 +77,32 @@ class MergingMethod(ContinualMethod):
         self.info: dict[str, Any] = {}
 
     @property
-    def rank(self) -> int:
-        return self.options.rank or self.lora.r
+    def rank(self) -> int | None:
+        """The rank the merged delta is truncated to; None: full rank (exact)."""
+        return self.options.rank
+
+    @property
+    def merged_rank(self) -> int | str:
+        """How results report the merge: "full" or the truncation rank k."""
+        return "full" if self.rank is None else self.rank
+
+    def adapter_rank(self, model: PeftModel) -> int:
+        """The r of the "merged" adapter: k, or at full rank the largest min(m, n) of the adapted layers."""
+        if self.rank is not None:
+            return self.rank
+        return max(min(layer.in_features, layer.out_features) for _, layer in lora_layers(model))
 
     def combine(self, deltas: list[torch.Tensor]) -> torch.Tensor:
         """The merge rule: the task vectors τ_1..τ_i of one layer -> one dense delta."""
         raise NotImplementedError
 
-    def merge(self) -> dict[str, Truncation]:
-        """Per layer: merge the stored task vectors, then truncate the dense result to a rank-k LoRA."""
+    def merge(self, width: int | None = None) -> dict[str, Truncation]:
+        """Per layer: merge the stored task vectors, then write the dense result as LoRA factors of `width`
+        columns of B (default: as many as the kept rank needs), exact or truncated to rank k."""
         merged = {}
         for name, scaling in self.scalings.items():
             deltas = [task_vector(state[name], scaling) for state in self.task_vectors]
-            merged[name] = truncate_to_lora(self.combine(deltas), self.rank)
+            merged[name] = truncate_to_lora(self.combine(deltas), self.rank, width)
         return merged
 
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
@@ -85,11 +112,12 @@ class MergingMethod(ContinualMethod):
         self.scalings = {name: float(layer.scaling[DEFAULT_ADAPTER]) for name, layer in lora_layers(model)}
         self.task_vectors.append(get_lora_state(model))
         save_adapter(model, ctx.task_dir / "adapter_ft")
-        merged = self.merge()
-        self.install(model, {name: t.pair for name, t in merged.items()})
+        width = self.adapter_rank(model)
+        merged = self.merge(width)
+        self.install(model, {name: t.pair for name, t in merged.items()}, width)
         save_adapter(model, ctx.task_dir / "adapter_merged", MERGED_ADAPTER)
         per_layer = {
-            name: {"rank": self.rank, "energy_kept": t.energy_kept, "dense_rank": t.dense_rank}
+            name: {"rank": self.merged_rank, "energy_kept": t.energy_kept, "dense_rank": t.dense_rank}
             for name, t in merged.items()
         }
         if distributed.is_main():
@@ -97,16 +125,18 @@ class MergingMethod(ContinualMethod):
         energies = [t.energy_kept for t in merged.values()]
         self.info = {
             "tasks_merged": len(self.task_vectors),
-            "merged_rank": self.rank,
+            "merged_rank": self.merged_rank,
+            "adapter_rank": width,
             "energy_kept_mean": statistics.fmean(energies),
             "energy_kept_min": min(energies),
             "dense_rank_max": max(t.dense_rank for t in merged.values()),
         }
 
-    def install(self, model: PeftModel, state: LoraState) -> None:
-        """Write the merged factors into the "merged" adapter (created on first use) and make it active."""
+    def install(self, model: PeftModel, state: LoraState, width: int) -> None:
+        """Write the merged factors into the "merged" adapter of rank `width` (created on first use; scaling
+        1) and make it active."""
         if MERGED_ADAPTER not in model.peft_config:
-            section = self.lora.model_copy(update={"r": self.rank, "alpha": self.rank, "dropout": 0.0})
+            section = self.lora.model_copy(update={"r": width, "alpha": width, "dropout": 0.0})
             model.add_adapter(MERGED_ADAPTER, peft_config(section))
         set_lora_state(model, state, MERGED_ADAPTER)
         model.set_adapter(MERGED_ADAPTER, inference_mode=True)  # evaluated from now on; never trained
@@ -117,8 +147,19 @@ class MergingMethod(ContinualMethod):
     def export(self, model: PeftModel, directory) -> None:
         save_adapter(model, directory, MERGED_ADAPTER)
 
+    def rebuild(self, model: PeftModel, finished: int) -> None:
+        """Refuse a checkpoint whose "merged" adapter has another rank than this loracl gives it (one written
+        when the merge was truncated to lora.r by default): resumed, the run would mix two merges."""
+        config = model.peft_config.get(MERGED_ADAPTER)
+        if config is not None and config.r != self.adapter_rank(model):
+            raise CheckpointError(
+                f"the checkpoint's merged adapter has rank {config.r}, but method {self.name!r} with rank "
+                f"{self.merged_rank} needs {self.adapter_rank(model)} (written by an older loracl that "
+                "truncated the merge to lora.r by default?); start the run again"
+            )
+
     def adapter_bytes(self, model: PeftModel) -> int:
-        """The deployed model carries the merged LoRA only."""
+        """The deployed model carries the merged LoRA only (at full rank, with its zero padding)."""
         return sum(
             w.numel() * w.element_size()
             for _, layer in lora_layers(model, MERGED_ADAPTER)

@@ -1,9 +1,11 @@
 """Task arithmetic (Ilharco et al., ICLR 2023), a merging baseline of MagMax (METHODS.md).
 
 After task i the merged delta is λ Σ_{j≤i} τ_j over the sequentially fine-tuned task vectors, computed by
-PEFT's `merge_utils.task_arithmetic` (the combination behind `add_weighted_adapter(combination_type="svd")`),
-then truncated back to one LoRA (see merging_base). λ defaults to 1/i, the mean of the task vectors, as in
-the MagMax authors' baseline (1 / number of tasks).
+PEFT's `merge_utils.task_arithmetic` (the combination behind `add_weighted_adapter(combination_type="svd")`).
+Task arithmetic adds full weights; the sum of i rank-r LoRA updates has rank up to i·r, so the merged delta
+is kept at full rank, exactly, by default; `rank: k` truncates it by SVD to one LoRA (see merging_base;
+METHODS.md). λ defaults to 1/i, the mean of the task vectors, as in the MagMax authors' baseline
+(1 / number of tasks).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class TaskArithmeticOptions(MergingOptions):
 class TaskArithmetic(MergingMethod):
     name = "task_arithmetic"
     summary = (
-        "sequential LoRA fine-tuning; task vectors summed with weight λ (default: their mean), SVD to a LoRA"
+        "sequential LoRA fine-tuning; task vectors summed with weight λ (default: their mean); full rank (or "
+        "SVD to rank k)"
     )
     Options = TaskArithmeticOptions
     options: TaskArithmeticOptions
