@@ -5,60 +5,22 @@ loracl.outputs.loading."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from method_helpers import LAYER0, SHORT, TINY, learn, setup
 
 from loracl.config import load_config
 from loracl.data import load_tasks
 from loracl.data.text import PromptEncoder
 from loracl.engine.evaluation import Evaluator
 from loracl.engine.training import train_task
-from loracl.methods import create_method
-from loracl.methods.context import TaskContext
 from loracl.methods.gainlora import GateBank, gate_value, masked_mean
 from loracl.models.base_model import tiny_random_llama
 from loracl.models.lora import lora_layers
 from loracl.models.subspace import collect_input_grams
 from loracl.outputs.loading import load_adapter
 from loracl.recipes import run as runner
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-SHORT = ["benchmark.tasks=[agnews,yelp]", "eval.zero_shot=false", "benchmark.max_train=8", "train.lr=1e-2"]
-LAYER0 = "base_model.model.model.layers.0.self_attn.q_proj"  # its inputs do not depend on any LoRA
-
-
-def setup(method_name: str, options: dict, tmp_path: Path):
-    config = load_config(TINY, SHORT)
-    tasks = load_tasks(config)
-    base, tokenizer = tiny_random_llama()
-    method = create_method(method_name, options, config.lora)
-    model = method.prepare_model(base)
-    encoder = PromptEncoder(tokenizer, config.train.max_length)
-    contexts = [
-        TaskContext(
-            i,
-            t,
-            tmp_path / str(i),
-            [encoder.encode(ex) for ex in t.train],
-            tokenizer.pad_token_id,
-            torch.device("cpu"),
-            config.train.batch_size,
-            0,
-        )
-        for i, t in enumerate(tasks, start=1)
-    ]
-    for ctx in contexts:
-        ctx.task_dir.mkdir(parents=True, exist_ok=True)
-    return config, method, model, contexts
-
-
-def learn(config, method, model, ctx) -> None:
-    method.before_task(model, ctx)
-    train_task(model, method, ctx.encoded, config.train, ctx.pad_id, seed=ctx.index)
-    method.after_task(model, ctx)
 
 
 def layer0_gram(model, ctx, max_examples: int) -> torch.Tensor:
@@ -96,14 +58,15 @@ def test_gpm_after_backward_projects_the_gradient(tmp_path):
 
 
 def test_inflora_designs_A_in_the_complement_and_trains_only_B(tmp_path):
-    opts = {"threshold": 1.0, "threshold_step": 0.0, "max_examples": 2}
+    opts = {"threshold": 1.0, "max_examples": 2}
     config, method, model, (ctx1, ctx2) = setup("inflora", opts, tmp_path)
     learn(config, method, model, ctx1)
     G_old = layer0_gram(model, ctx1, 2)
     method.before_task(model, ctx2)
     layer = dict(lora_layers(model, "task2"))[LAYER0]
     A2 = layer.lora_A["task2"].weight.detach().double()
-    torch.testing.assert_close(A2 @ A2.T, torch.eye(A2.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    eye = torch.eye(A2.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(A2 @ A2.T, eye / 3, atol=1e-5, rtol=0)  # orthogonal rows of norm 1/sqrt(3)
     assert torch.trace(A2 @ G_old @ A2.T) / torch.trace(G_old) < 1e-9  # A_2 x = 0 for old inputs
     assert float(layer.lora_B["task2"].weight.detach().abs().max()) == 0.0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -128,25 +91,31 @@ def test_gate_formula_on_known_tensors():
     )
 
 
-def test_gainlora_new_gate_is_zero_on_old_inputs_and_old_gates_are_frozen(tmp_path):
-    opts = {"threshold": 1.0, "threshold_step": 0.0}
+def test_gainlora_new_gate_is_shut_on_old_inputs_open_on_its_own_and_old_gates_are_frozen(tmp_path):
+    # threshold 1: the gate bases span nearly every old value (the DualGPM energies are 4th powers, so
+    # directions below float resolution of the total still drop out), and without the authors' row-norm
+    # rescaling the protection is near exact; the default is measured in tests/test_protection.py.
+    opts = {"threshold": 1.0, "gate_threshold": 1.0, "keep_row_norms": False}
     config, method, model, (ctx1, ctx2) = setup("gainlora", opts, tmp_path)
     learn(config, method, model, ctx1)
     bank: GateBank = method.bank(model)
     p_old, p_new = method.gate_inputs(model, ctx1), method.gate_inputs(model, ctx2)
     g1_before = bank(p_old)[:, 0].detach().clone()
     method.before_task(model, ctx2)
-    W1 = bank.first_layer(1)
-    W1_init = W1.detach().clone()
-    assert float(bank(p_old)[:, 1].detach().abs().max()) < 1e-5  # g_2(x) = 0 on old inputs from the start
+    W1_init = bank.mlps[1][0].weight.detach().clone()
+    torch.testing.assert_close(W1_init, bank.mlps[0][0].weight)  # gate 2 starts as a copy of gate 1
+    assert float(bank(p_old)[:, 1].detach().abs().max()) < 1e-2  # g_2(x) ~ 0 on old inputs from the start
+    assert float(bank(p_new)[:, 1].detach().mean()) > 1e-2  # but open on its own task (key on its outputs)
+    torch.testing.assert_close(bank.keys[1].norm(), bank.keys[0].norm())  # with the previous key's norm
     train_task(model, method, ctx2.encoded, config.train, ctx2.pad_id, seed=2)
     method.after_task(model, ctx2)
-    assert not torch.allclose(W1, W1_init)  # the new gate learned ...
+    assert not torch.allclose(bank.mlps[1][0].weight, W1_init)  # the new gate learned ...
     gates = bank(p_old).detach()
-    assert float(gates[:, 1].abs().max()) < 1e-5  # ... and still stays shut on old inputs
-    assert float(bank(p_new)[:, 1].detach().min()) > 1e-3  # but opens on its own task's inputs
+    assert float(gates[:, 1].abs().max()) < 1e-2  # ... and still stays (nearly) shut on old inputs
     torch.testing.assert_close(gates[:, 0], g1_before)  # old gate frozen
     assert not any(p.requires_grad for p in bank.mlps[0].parameters())
+    info = method.task_info()
+    assert info["gate_own_mean"] > 1e-2 and set(info) >= {"gate_basis_input", "gate_old_max"}
 
 
 # -- end to end --------------------------------------------------------------------------------------------
@@ -258,17 +227,22 @@ def test_finished_tasks_never_require_grad(method_name, tmp_path):
         assert all(p.requires_grad for p in [*bank.mlps[1].parameters(), bank.keys[1]])
 
 
-@pytest.mark.parametrize("method_name", ["gpm", "inflora"])
-def test_a_full_input_basis_is_reported_and_warned_about(tmp_path, method_name):
+@pytest.mark.parametrize(
+    ("method_name", "rise", "updates"),
+    [("gpm", {"threshold_step": 0.0}, 2), ("inflora", {"threshold_tasks": 1}, 1)],
+)
+def test_a_full_input_basis_is_reported_and_warned_about(tmp_path, method_name, rise, updates):
     # At threshold 1 the energy rule keeps every direction the task's inputs span; with enough tokens that
-    # is the whole input space, as on a long task sequence where the default threshold reaches 1.
-    opts = {"threshold": 1.0, "threshold_step": 0.0, "max_examples": 8}
+    # is the whole input space, as on a long task sequence where the threshold reaches 1. (GPM's task-1
+    # count stops strictly below the threshold, so it takes a second update to add the last direction.)
+    opts = {"threshold": 1.0, "max_examples": 8, **rise}
     config, method, model, (ctx1, ctx2) = setup(method_name, opts, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no basis yet: nothing to warn about before task 1
         method.before_task(model, ctx1)
     train_task(model, method, ctx1.encoded, config.train, ctx1.pad_id, seed=1)
-    method.after_task(model, ctx1)
+    for _ in range(updates):
+        method.after_task(model, ctx1)
     info = method.task_info()
     dims = [M.shape[1] for M in method.bases.values()]
     assert info["input_dim"] == method.bases[LAYER0].shape[0]

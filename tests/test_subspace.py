@@ -34,12 +34,13 @@ def test_threshold_schedule():
 
 def test_gpm_update_takes_the_fewest_directions_reaching_the_energy_threshold():
     # Energy 9 along e0, 1 along e1: 90% in one direction.
+    # GPM's task-1 count is #{j : cumulative fraction < threshold}: the directions strictly below it.
     R = torch.stack([3 * e(0), e(1)])  # rows are inputs
     G = vector_gram(R)
-    M = gpm_update(None, G, 0.85)
+    M = gpm_update(None, G, 0.95)
     assert M.shape == (5, 1)
     torch.testing.assert_close((M @ M.T), torch.outer(e(0), e(0)), atol=1e-6, rtol=0)
-    assert gpm_update(None, G, 0.95).shape == (5, 2)
+    assert gpm_update(None, G, 0.85).shape == (5, 0)  # 90 % is not below 85 %: no direction at all
 
 
 def test_gpm_update_counts_what_the_basis_already_explains():
@@ -63,7 +64,8 @@ def test_complement_directions_are_the_top_singular_vectors_of_the_residual():
     assert A.shape == (2, n)
     torch.testing.assert_close(A @ A.T, torch.eye(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(A @ M, torch.zeros(2, 3), atol=1e-5, rtol=0)
-    U = torch.linalg.svd((torch.eye(n) - M @ M.T) @ H.double().float())[0][:, :2].T
+    C = H @ H.T  # InfLoRA: the left singular vectors of the projected covariance, not of projected inputs
+    U = torch.linalg.svd((torch.eye(n) - M @ M.T) @ C)[0][:, :2].T
     torch.testing.assert_close((A @ U.T).abs(), torch.eye(2), atol=1e-4, rtol=0)  # same vectors up to sign
 
 
@@ -154,5 +156,12 @@ def test_only_the_current_adapter_is_trainable():
 def test_basis_info_judges_each_layer_against_its_own_input_size():
     # q_proj-like layers (n = 4) and a down_proj-like layer (n = 6): a 4-dim basis fills only the former.
     bases = {"q": torch.eye(4), "v": torch.eye(4)[:, :2], "down": torch.eye(6)[:, :4]}
-    assert basis_info(bases) == {"basis_dims_mean": 3.3, "input_dim": 6, "layers_full": 1}
+    assert basis_info(bases) == {
+        "basis_dims_min": 2,
+        "basis_dims_mean": 3.3,
+        "basis_dims_max": 4,
+        "input_dim": 6,
+        "layers_full": 1,
+        "basis_dims_per_layer": {"q": 4, "v": 2, "down": 4},
+    }
     assert basis_info({}) == {}

@@ -12,6 +12,9 @@ Generic hooks with do-nothing defaults, for methods that need them:
 - `step_context(model, batch)`: a context manager entered around each training step's forward passes, so a
   method can hand per-batch side information to its forward hooks (GainLoRA: the prompt mask its gates
   pool over, which the decoder call itself does not carry).
+- `evaluating(model, position)`: a context manager entered around the evaluation of the task at 0-based
+  `position` of the sequence, so a method can measure something on every task's test prompts without
+  keeping them (GainLoRA: its newest gate's values on old tasks), for the next `task_info`.
 - `after_optimizer_step(model)`: after each optimizer step, e.g. to keep a protected part of the parameters
   exactly fixed: gradient projection alone does not survive AdamW's per-coordinate scaling.
 - `restore(model, directory, manifest)` (class method): re-creates, on a model loaded from an exported
@@ -129,6 +132,10 @@ class ContinualMethod:
 
     def after_optimizer_step(self, model: PeftModel) -> None:
         """Called after each optimizer step."""
+
+    def evaluating(self, model: PeftModel, position: int) -> AbstractContextManager:
+        """Entered around the evaluation of the task at 0-based `position` in the sequence."""
+        return contextlib.nullcontext()
 
     def before_optimizer_step(self, model: PeftModel) -> None:
         """Called once the accumulated gradient of an optimizer step is complete, before clipping and the

@@ -4,9 +4,19 @@
 
 p(x) the mean input-token embedding of the prompt (non-padding prompt tokens), MLP_j two bias-free linear
 layers with SiLU (hidden size 100, as the authors' code), k_j a learned key. Old branches and gates are
-frozen. The new gate's first layer (the one acting on p(x)) is initialised, and kept after every update,
-off the GPM basis of old tasks' gate inputs p(x): W1 M = 0, so for an old input in span(M) the MLP output is
-0, its cosine with k_i is 0 and g_i(x) = 0. Branches are InfLoRA (default) or O-LoRA.
+frozen. Branches are InfLoRA (default) or O-LoRA. The gate of task i, as the authors' code
+(liangyanshuo/gainlora, `cl_trainer_gainlora_inflora.py`) builds it:
+  - its MLP starts as a copy of gate i-1's (random for task 1), so on old inputs it answers as gate i-1;
+  - its key starts as the top singular direction of the MLP's outputs on task i's prompts, projected off
+    the old tasks' output basis, with the norm of the previous key: the gate opens on its own task from the
+    first step (|cos| near 1) and stays shut on old inputs, whose outputs are orthogonal to it;
+  - after every optimizer step the updates of W1, W2 and the key are projected off three bases of old tasks'
+    values: gate inputs p(x), hidden activations SiLU(W1 p) and MLP outputs, each row then rescaled to the
+    norm the step gave it (the authors' code does); the bases follow the DualGPM rule (METHODS.md) with
+    epsilon_0 `gate_threshold` (the authors' `transthreshold`, 0.995).
+So on an old input the MLP output stays (up to the rescaling) what gate i-1 gave, inside the old outputs'
+span, and its cosine with k_i stays near 0: g_i(x) is near 0. `method_info` reports g_i on its own task's
+training prompts and, from the evaluations after the task, on every old task's test prompts.
 
 Stock PEFT does the branches; the gates act through forward hooks: a pre-hook on the decoder computes
 g(x) (B x T) from the batch, and a forward hook on each `lora_B[task<j>]` scales that branch's output per
@@ -26,18 +36,26 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
+from loracl.engine import distributed
 from loracl.engine.training import IGNORE
 from loracl.errors import AdapterMismatchError, RunFolderError
 from loracl.methods.context import TaskContext
 from loracl.models.multi_lora import MANIFEST, layer_map, read_tensors, short, task_adapter, task_adapters
-from loracl.models.subspace import gpm_threshold, gpm_update, project_off, vector_gram
+from loracl.models.subspace import (
+    DUAL_GPM_THRESHOLD,
+    BasisRule,
+    basis_nbytes,
+    complement_directions,
+    vector_gram,
+)
 
 from .base import register
 from .inc_lora import IncLoRA
-from .inflora import InfLoRA, SubspaceOptions
+from .inflora import InfLoRA, InfLoRAOptions
 from .olora import olora_loss
 
 GATES_FILE = "gates.safetensors"
@@ -70,9 +88,11 @@ class GateBank(nn.Module):
         self.keys = nn.ParameterList()
         self.prompt_mask: torch.Tensor | None = None  # set by GainLoRA.step_context
         self.current: torch.Tensor | None = None  # gates of the batch being processed, B x T
+        self.recorded: list[torch.Tensor] | None = None  # when a list: every prompt's gates are appended
         self._handles: list = []
 
-    def add_gate(self) -> None:
+    def add_gate(self, copy_previous: bool = False) -> None:
+        """A new gate: random, or (copy_previous) with the MLP and key of the last gate."""
         device = self.keys[0].device if len(self.keys) else None
         mlp = nn.Sequential(
             nn.Linear(self.dim, self.hidden, bias=False),
@@ -81,12 +101,22 @@ class GateBank(nn.Module):
             nn.SiLU(),
         ).to(device=device, dtype=GATE_DTYPE)
         key = nn.Parameter(torch.empty(self.dim, device=device, dtype=GATE_DTYPE).uniform_(-1.0, 1.0))
+        if copy_previous and len(self.mlps):
+            mlp.load_state_dict(self.mlps[-1].state_dict())
+            key.data.copy_(self.keys[-1].detach())
         self.mlps.append(mlp)
         self.keys.append(key)
 
-    def first_layer(self, j: int) -> torch.nn.Parameter:
-        """W1 of gate j (hidden x dim): the layer acting on the gate input p(x)."""
-        return self.mlps[j][0].weight
+    def projected_parameters(self, j: int) -> dict[str, torch.nn.Parameter]:
+        """The parameters of gate j whose updates are projected, by the name of the basis of their inputs:
+        W1 acts on p(x), W2 on the hidden activations, and the key is compared with the MLP's outputs."""
+        return {"input": self.mlps[j][0].weight, "hidden": self.mlps[j][2].weight, "output": self.keys[j]}
+
+    @staticmethod
+    def values(mlp: nn.Module, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each projected parameter of a gate sees on the pooled prompts p: p, SiLU(W1 p), MLP(p)."""
+        hidden = mlp[1](mlp[0](pooled))
+        return {"input": pooled, "hidden": hidden, "output": mlp[3](mlp[2](hidden))}
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """g_j(p) for every gate: (B, d) -> (B, T)."""
@@ -112,6 +142,8 @@ class GateBank(nn.Module):
             if mask is None or mask.dim() != 2:
                 mask = torch.ones(embeds.shape[:2], device=embeds.device)
             self.current = self(masked_mean(embeds, mask))
+            if self.recorded is not None:
+                self.recorded.append(self.current.detach())
 
         self._handles.append(decoder.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for j, name in enumerate(task_adapters(model)[: len(self.mlps)]):
@@ -145,28 +177,72 @@ def prompt_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"] == IGNORE) & batch["attention_mask"].bool()
 
 
-class GainLoRAOptions(SubspaceOptions):
+class GainLoRAOptions(InfLoRAOptions):
     branch: Literal["inflora", "olora"] = "inflora"
-    gate_hidden: int = 100  # hidden width of each gate's MLP (authors' code)
-    lambda1: float = 0.5  # O-LoRA branch only
-    lambda2: float = 0.0  # O-LoRA branch only
+    gate_hidden: int = Field(100, gt=0, description="hidden width of each gate's MLP (authors' code)")
+    gate_threshold: float = Field(
+        DUAL_GPM_THRESHOLD, gt=0, le=1, description="epsilon_0 of the gates' bases (authors' transthreshold)"
+    )
+    keep_row_norms: bool = Field(
+        True,
+        description="rescale each projected row of W1, W2 and the key to its norm after the step "
+        "(authors' code)",
+    )
+    lambda1: float = Field(0.5, description="O-LoRA branch only")
+    lambda2: float = Field(0.0, description="O-LoRA branch only")
+
+    def gate_rule(self) -> BasisRule:
+        return BasisRule("dual_gpm", self.gate_threshold, tasks=self.threshold_tasks)
+
+
+def project_update(
+    new: torch.Tensor, old: torch.Tensor, basis: torch.Tensor | None, keep_row_norms: bool
+) -> torch.Tensor:
+    """new - (new - old) M M^T: the step's update with its component in span(M) removed, row by row (a 1-d
+    tensor is one row); with keep_row_norms each row is rescaled to the norm it had in `new`."""
+    if basis is None or basis.shape[1] == 0:
+        return new
+    rows, old_rows = new.reshape(-1, new.shape[-1]), old.reshape(-1, old.shape[-1])
+    M = basis.to(new.dtype)
+    projected = rows - ((rows - old_rows) @ M) @ M.T
+    if keep_row_norms:
+        scale = rows.norm(dim=1, keepdim=True) / projected.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        projected = projected * scale
+    return projected.reshape(new.shape)
+
+
+def gathered(values: torch.Tensor) -> torch.Tensor:
+    """A 1-d tensor's values from every process, concatenated (itself with one process)."""
+    parts = distributed.gather_object(values.detach().cpu().double().tolist())
+    return torch.tensor([v for part in parts for v in part], dtype=torch.float64)
+
+
+def gate_summary(gates: torch.Tensor) -> dict[str, float | None]:
+    """Mean and max of a gate's values (None when there were none)."""
+    if not gates.numel():
+        return {"mean": None, "max": None}
+    return {"mean": round(float(gates.mean()), 4), "max": round(float(gates.max()), 4)}
 
 
 @register
 class GainLoRA(InfLoRA):
     name = "gainlora"
-    summary = "a LoRA branch + a gate per task; new gates kept ~0 on old inputs (GPM on gate inputs)"
+    summary = "a LoRA branch + a gate per task; new gates kept ~0 on old inputs (projected gate updates)"
     data_free = True
     memory_growth = "O(T): one LoRA and one gate MLP per task, plus per-layer input bases"
     merge_obstacle = "each task's LoRA is scaled by a gate computed from the input, unlike a fixed weight"
     Options = GainLoRAOptions
     options: GainLoRAOptions
-    state_attributes = (*InfLoRA.state_attributes, "gate_basis")
+    state_attributes = (*InfLoRA.state_attributes, "gate_bases")
     manifest_extra = ("gates", "gate_dim", "gate_hidden", "gate_count")  # what export_extra writes
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)
-        self.gate_basis: torch.Tensor | None = None  # GPM basis of old tasks' p(x), d x k
+        self.gate_bases: dict[str, torch.Tensor] = {}  # "input" | "hidden" | "output" -> old values' basis
+        self.before_step: dict[str, torch.Tensor] = {}  # the newest gate's projected parameters before a step
+        self.own_gates: dict[str, float | None] = {}  # g_i on task i's training prompts, after task i
+        self.evaluated_gates: dict[int, torch.Tensor] = {}  # task position -> g_i on its test prompts
+        self.task_index = 0  # the task whose gate is the newest
 
     @staticmethod
     def bank(model: PeftModel) -> GateBank:
@@ -192,15 +268,39 @@ class GainLoRA(InfLoRA):
         return self.bank(model).prompt_only(prompt_mask(batch))
 
     @torch.no_grad()
-    def add_gate(self, model: PeftModel, ctx: TaskContext) -> None:
-        """Gate i: fresh, W1 projected off old gate inputs; old gates frozen; branch i scaled by it."""
+    def gate_inputs(self, model: PeftModel, ctx: TaskContext) -> torch.Tensor:
+        """p(x) of this process's share of the task's sampled examples (prompt tokens), N x d."""
+        embed = model.get_base_model().get_input_embeddings()
+        rows = [
+            masked_mean(embed(b["input_ids"]), prompt_mask(b)) for b in ctx.batches(self.options.max_examples)
+        ]
+        dim = embed.weight.shape[1]
+        return torch.cat(rows) if rows else torch.zeros(0, dim, dtype=GATE_DTYPE, device=embed.weight.device)
+
+    @torch.no_grad()
+    def gate_statistics(
+        self, model: PeftModel, ctx: TaskContext
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Over the task's sampled prompts, for the newest gate: the Grams of what its three projected
+        parameters act on (summed over processes), and its values g_i(x) on this process's share."""
         bank = self.bank(model)
-        for p in bank.parameters():
-            p.requires_grad_(False)
-        bank.add_gate()
-        W1 = bank.first_layer(ctx.index - 1)
-        W1.copy_(project_off(W1, self.gate_basis))
+        values = bank.values(bank.mlps[-1], self.gate_inputs(model, ctx))
+        grams = ctx.all_reduce({name: vector_gram(rows) for name, rows in values.items()})
+        return grams, gate_value(values["output"], bank.keys[-1])
+
+    @torch.no_grad()
+    def add_gate(self, model: PeftModel, ctx: TaskContext) -> None:
+        """Gate i: a copy of gate i-1 (random for task 1) whose key is the top direction of its outputs on
+        task i off the old outputs' basis, with the previous key's norm; old gates frozen; branch i scaled."""
+        bank = self.bank(model)
+        bank.requires_grad_(False)
+        bank.add_gate(copy_previous=True)
+        key = bank.keys[-1]
+        grams, _ = self.gate_statistics(model, ctx)
+        direction = complement_directions(self.gate_bases.get("output"), grams["output"], 1)[0]
+        key.copy_(direction.to(key) * key.norm())
         bank.hook_branch(model, ctx.index - 1, task_adapter(ctx.index))
+        self.evaluated_gates, self.own_gates, self.task_index = {}, {}, ctx.index
 
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
         if self.options.branch == "inflora":
@@ -215,32 +315,54 @@ class GainLoRA(InfLoRA):
         return None
 
     @torch.no_grad()
-    def after_backward(self, model: PeftModel) -> None:
-        W1 = self.bank(model).first_layer(-1)
-        if W1.grad is not None:
-            W1.grad.copy_(project_off(W1.grad, self.gate_basis))
+    def before_optimizer_step(self, model: PeftModel) -> None:
+        if self.gate_bases:  # task 1 has no old values to protect
+            params = self.bank(model).projected_parameters(-1)
+            self.before_step = {name: p.detach().clone() for name, p in params.items()}
 
     @torch.no_grad()
     def after_optimizer_step(self, model: PeftModel) -> None:
-        W1 = self.bank(model).first_layer(-1)  # AdamW's update is not the projected gradient: re-project
-        W1.copy_(project_off(W1, self.gate_basis))
-
-    @torch.no_grad()
-    def gate_inputs(self, model: PeftModel, ctx: TaskContext) -> torch.Tensor:
-        """p(x) of this process's share of the task's sampled examples (prompt tokens), N x d."""
-        embed = model.get_base_model().get_input_embeddings()
-        rows = [
-            masked_mean(embed(b["input_ids"]), prompt_mask(b)) for b in ctx.batches(self.options.max_examples)
-        ]
-        dim = embed.weight.shape[1]
-        return torch.cat(rows) if rows else torch.zeros(0, dim, dtype=GATE_DTYPE, device=embed.weight.device)
+        """Project the step's update of W1, W2 and the key off the old tasks' values they act on."""
+        if not self.gate_bases:
+            return
+        keep = self.options.keep_row_norms
+        for name, p in self.bank(model).projected_parameters(-1).items():
+            p.copy_(project_update(p, self.before_step[name], self.gate_bases[name], keep))
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         if self.options.branch == "inflora":
             super().after_task(model, ctx)  # extend the branches' input bases
-        eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
-        gram = ctx.all_reduce({"gate": vector_gram(self.gate_inputs(model, ctx))})["gate"]
-        self.gate_basis = gpm_update(self.gate_basis, gram, eps)
+        grams, own = self.gate_statistics(model, ctx)
+        self.options.gate_rule().update_all(self.gate_bases, grams, ctx.index)
+        self.own_gates = gate_summary(gathered(own))
+
+    @contextlib.contextmanager
+    def evaluating(self, model: PeftModel, position: int) -> Iterator[None]:
+        """Record the newest gate's values on the prompts of the task at `position` (0-based) while it is
+        evaluated, for `task_info`."""
+        bank = self.bank(model)
+        if not len(bank.mlps):
+            yield
+            return
+        bank.recorded = []
+        try:
+            yield
+            mine = [g[:, -1] for g in bank.recorded]
+            self.evaluated_gates[position] = gathered(torch.cat(mine) if mine else torch.zeros(0))
+        finally:
+            bank.recorded = None
+
+    def task_info(self) -> dict[str, Any]:
+        """Besides the branch bases: the sizes of the gate bases, and the newest gate g_i on its own task
+        (training prompts) and on the old tasks (test prompts, from the evaluation after the task)."""
+        info = super().task_info() if self.options.branch == "inflora" else {}
+        for name, M in self.gate_bases.items():
+            info[f"gate_basis_{name}"] = M.shape[1]
+        info["gate_own_mean"], info["gate_own_max"] = self.own_gates.get("mean"), self.own_gates.get("max")
+        old = [g for j, g in self.evaluated_gates.items() if j < self.task_index - 1]
+        summary = gate_summary(torch.cat(old)) if old else {"mean": None, "max": None}
+        info["gate_old_mean"], info["gate_old_max"] = summary["mean"], summary["max"]
+        return info
 
     def export_extra(self, model: PeftModel, directory: Path) -> dict[str, Any]:
         bank = self.bank(model)
@@ -311,5 +433,4 @@ class GainLoRA(InfLoRA):
         return super().adapter_bytes(model) + self.bank(model).nbytes()
 
     def state_bytes(self) -> int:
-        extra = 0 if self.gate_basis is None else self.gate_basis.numel() * self.gate_basis.element_size()
-        return super().state_bytes() + extra
+        return super().state_bytes() + basis_nbytes(self.gate_bases)

@@ -1,8 +1,8 @@
 """GPM (Saha et al., ICLR 2021) on a single LoRA (METHODS.md "gpm").
 
 Per adapted layer keep an orthonormal basis M (n x k) of past tasks' layer inputs, extended after each task
-by the energy rule (loracl.models.subspace.gpm_update; epsilon 0.97 rising 0.003 per task). During later
-tasks the
+by GPM's own energy rule (loracl.models.subspace.gpm_update: squared singular values of the inputs, epsilon
+0.97 rising 0.003 per task; InfLoRA and GainLoRA use the DualGPM rule instead). During later tasks the
 gradient of A is projected, grad A <- grad A - grad A M M^T, so A x is unchanged for old inputs x. B is
 trained freely, as METHODS.md specifies.
 
@@ -18,25 +18,31 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from pydantic import Field
 
 from loracl.methods.context import TaskContext
 from loracl.models.lora import lora_layers
 from loracl.models.subspace import (
+    GPM_THRESHOLD,
+    GPM_THRESHOLD_STEP,
+    BasisRule,
     basis_info,
     basis_nbytes,
     collect_input_grams,
-    gpm_threshold,
-    gpm_update,
     project_off,
     warn_few_free_directions,
 )
 
-from .base import ContinualMethod, register
-from .inflora import SubspaceOptions
+from .base import ContinualMethod, MethodOptions, register
 
 
-class GPMOptions(SubspaceOptions):
-    pass
+class GPMOptions(MethodOptions):
+    threshold: float = Field(GPM_THRESHOLD, gt=0, le=1, description="GPM's epsilon for task 1")
+    threshold_step: float = Field(GPM_THRESHOLD_STEP, ge=0, description="its rise per task (capped at 1)")
+    max_examples: int = Field(125, gt=0, description="training examples giving the inputs (GPM: 125)")
+
+    def basis_rule(self) -> BasisRule:
+        return BasisRule("gpm", self.threshold, step=self.threshold_step)
 
 
 @register
@@ -61,7 +67,12 @@ class GPM(ContinualMethod):
 
     def before_task(self, model: PeftModel, ctx: TaskContext) -> None:
         warn_few_free_directions(
-            self.name, ctx.index, self.bases, 1, "A's gradient is projected to zero there, only B learns"
+            self.name,
+            ctx.index,
+            self.bases,
+            1,
+            "A's gradient is projected to zero there, only B learns",
+            "lower the threshold's rise, e.g. --methods gpm:threshold_step=0.001",
         )
         self.start = {name: A.detach().clone() for name, A, _ in self.protected(model)}
 
@@ -80,9 +91,7 @@ class GPM(ContinualMethod):
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
         layers = dict(lora_layers(model))
         grams = ctx.all_reduce(collect_input_grams(model, layers, ctx.batches(self.options.max_examples)))
-        eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
-        for name, gram in grams.items():
-            self.bases[name] = gpm_update(self.bases.get(name), gram, eps)
+        self.options.basis_rule().update_all(self.bases, grams, ctx.index)
 
     def task_info(self) -> dict[str, Any]:
         return basis_info(self.bases)

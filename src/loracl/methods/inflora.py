@@ -1,30 +1,37 @@
-"""InfLoRA (Liang & Li, CVPR 2024; METHODS.md "inflora"), one PEFT adapter per task.
+"""InfLoRA (Liang & Li, CVPR 2024; METHODS.md "inflora"), one PEFT adapter per task, as the authors' LLM code
+(liangyanshuo/gainlora, `cl_trainer_inflora.py`, `cl_trainer_gainlora_inflora.py`) computes it.
 
 Per adapted layer keep an orthonormal basis M (n x k) of the input subspace of past tasks. For task i:
-  - collect the layer inputs H_i of task i (forward hooks, non-padding tokens, float32; via their Gram);
-  - A_i = top-r left singular vectors of (I - M M^T) H_i, as rows; A_i is frozen, B_i (init 0) is trained,
-    so the new branch sees nothing of old tasks' inputs: B_i A_i x ~ 0 for x in span(M);
-  - after the task, extend M with task i's inputs by GPM's energy rule (loracl.models.subspace.gpm_update).
+  - collect the input covariance C_i of the layer over task i's training tokens (forward hooks, non-padding
+    tokens, float32; as the Gram N C_i, which has the same singular vectors and energy ratios);
+  - A_i = top-r left singular vectors of C_i - M M^T C_i, as rows, scaled by 1/sqrt(3) (the authors'
+    scale, `a_scale`); A_i is frozen and B_i (init 0) trained, so the new branch sees little of old tasks'
+    inputs: B_i A_i x ~ 0 for x in span(M);
+  - after the task, extend M with the DualGPM rule (loracl.models.subspace.dual_gpm_update): energies S^2
+    of C_i, threshold 0.995 rising to 1 over 15 tasks. (GPM's own rule, sigma^2 of the inputs with
+    threshold 0.97, kept 80-279 of 576 directions per layer of SmolLM2 after one task where this one keeps
+    0-12, and filled the input space within a Long sequence.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from peft import PeftModel
+from pydantic import Field
 
 from loracl.methods.context import TaskContext
 from loracl.models.multi_lora import layer_map, task_adapter
 from loracl.models.subspace import (
-    GPM_THRESHOLD,
-    GPM_THRESHOLD_STEP,
+    DUAL_GPM_TASKS,
+    DUAL_GPM_THRESHOLD,
+    BasisRule,
     basis_info,
     basis_nbytes,
     collect_input_grams,
     complement_directions,
-    gpm_threshold,
-    gpm_update,
     warn_few_free_directions,
 )
 
@@ -32,14 +39,28 @@ from .base import MethodOptions, register
 from .inc_lora import IncLoRA
 
 
-class SubspaceOptions(MethodOptions):
-    threshold: float = GPM_THRESHOLD  # GPM epsilon for task 1
-    threshold_step: float = GPM_THRESHOLD_STEP  # its rise per task
-    max_examples: int = 125  # training examples whose tokens give the input statistics (GPM: 125)
+class DualGPMOptions(MethodOptions):
+    """Options of the methods whose input bases follow the DualGPM rule (InfLoRA, GainLoRA)."""
+
+    threshold: float = Field(DUAL_GPM_THRESHOLD, gt=0, le=1, description="epsilon_0 of the DualGPM rule")
+    threshold_tasks: int = Field(
+        DUAL_GPM_TASKS, gt=0, description="T_s: epsilon rises linearly from epsilon_0 to 1 over T_s tasks"
+    )
+    max_examples: int | None = Field(
+        None,
+        gt=0,
+        description="training examples whose tokens give the input statistics (default: all, as the "
+        "authors' code, which reads up to 1000 batches)",
+    )
+
+    def basis_rule(self) -> BasisRule:
+        return BasisRule("dual_gpm", self.threshold, tasks=self.threshold_tasks)
 
 
-class InfLoRAOptions(SubspaceOptions):
-    pass
+class InfLoRAOptions(DualGPMOptions):
+    a_scale: float = Field(
+        1 / math.sqrt(3), gt=0, description="norm of each row of the designed A (the authors' 1/sqrt(3))"
+    )
 
 
 @register
@@ -64,16 +85,21 @@ class InfLoRA(IncLoRA):
 
     @torch.no_grad()
     def design_branch(self, model: PeftModel, ctx: TaskContext) -> None:
-        """A_i from the complement of M; B_i = 0; A_i frozen."""
+        """A_i from the complement of M, rows of norm a_scale; B_i = 0; A_i frozen."""
         current = task_adapter(ctx.index)
         grams = self.input_grams(model, ctx, current)
         warn_few_free_directions(
-            self.name, ctx.index, self.bases, self.lora.r,
+            self.name,
+            ctx.index,
+            self.bases,
+            self.lora.r,
             "A_i's remaining rows lie inside their span, so the new branch changes old tasks' outputs",
+            f"raise threshold_tasks, e.g. --methods {self.name}:threshold_tasks=30",
         )
         for name, layer in layer_map(model, current).items():
             A, B = layer.lora_A[current].weight, layer.lora_B[current].weight
-            A.copy_(complement_directions(self.bases.get(name), grams[name], A.shape[0]).to(A))
+            rows = complement_directions(self.bases.get(name), grams[name], A.shape[0])
+            A.copy_((self.options.a_scale * rows).to(A))
             B.zero_()
             A.requires_grad_(False)
 
@@ -83,9 +109,7 @@ class InfLoRA(IncLoRA):
 
     def extend_bases(self, model: PeftModel, ctx: TaskContext) -> None:
         grams = self.input_grams(model, ctx, task_adapter(ctx.index))
-        eps = gpm_threshold(ctx.index, self.options.threshold, self.options.threshold_step)
-        for name, gram in grams.items():
-            self.bases[name] = gpm_update(self.bases.get(name), gram, eps)
+        self.options.basis_rule().update_all(self.bases, grams, ctx.index)
 
     def task_info(self) -> dict[str, Any]:
         return basis_info(self.bases)

@@ -1,11 +1,16 @@
-"""Input-subspace statistics shared by GPM, InfLoRA and GainLoRA (METHODS.md, "gpm" and "inflora").
+"""Input-subspace statistics and basis rules shared by GPM, InfLoRA and GainLoRA (METHODS.md, "gpm" and
+"inflora").
 
 Per adapted layer the methods need the span of the layer's inputs x (n-dim) over a task's examples. Instead of
 the n x N matrix R = [x_1 ... x_N] of every non-padding token, we accumulate its Gram matrix G = R R^T (n x n,
-float32, on the model's device): the left singular vectors of R are the eigenvectors of G and the squared
-singular values its eigenvalues, so the GPM energy criterion and InfLoRA's SVD are exact in terms of G while
-memory stays bounded whatever the number of tokens. The residual of GPM, R^ = (I - M M^T) R, has Gram
-P G P with P = I - M M^T.
+float32, on the model's device); memory stays bounded whatever the number of tokens, and every rule below is
+exact in terms of G:
+- GPM's rule (Saha et al. 2021) ranks directions by the squared singular values of R, which are the
+  eigenvalues of G; the residual R^ = (I - M M^T) R has Gram P G P with P = I - M M^T.
+- The "DualGPM" rule of InfLoRA's and GainLoRA's code works on the input covariance C = G / N and ranks by
+  the squared singular values of C (the 4th power of R's); the residual is C - M M^T C = P C. Every ratio
+  and singular vector is the same for G as for C, so we use G directly.
+A rule is chosen per method: `BasisRule` names it and its threshold schedule.
 """
 
 from __future__ import annotations
@@ -14,20 +19,31 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 Batch = dict[str, torch.Tensor]
 ContextFactory = Callable[[Batch], AbstractContextManager]
 
-GPM_THRESHOLD = 0.97  # epsilon of GPM for task 1 (METHODS.md)
-GPM_THRESHOLD_STEP = 0.003  # rise per task
+GPM_THRESHOLD = 0.97  # epsilon of GPM for task 1 (METHODS.md "gpm")
+GPM_THRESHOLD_STEP = 0.003  # its rise per task
+DUAL_GPM_THRESHOLD = 0.995  # epsilon_0 of InfLoRA's and GainLoRA's DualGPM rule (METHODS.md "inflora")
+DUAL_GPM_TASKS = 15  # T_s: the rise of epsilon reaches 1 after T_s tasks (the authors' `total_sessions`)
 
 
 def gpm_threshold(task_index: int, base: float = GPM_THRESHOLD, step: float = GPM_THRESHOLD_STEP) -> float:
     """epsilon_i = base + step (i - 1), capped at 1 (task_index is 1-based)."""
     return min(1.0, base + step * (task_index - 1))
+
+
+def dual_gpm_threshold(
+    task_index: int, base: float = DUAL_GPM_THRESHOLD, tasks: int = DUAL_GPM_TASKS
+) -> float:
+    """epsilon_i = base + (1 - base)(i - 1) / T_s, uncapped as in the authors' code (past task T_s + 1 the
+    rule keeps every direction the inputs have)."""
+    return base + (1.0 - base) * (task_index - 1) / tasks
 
 
 def _decoder_call(model: torch.nn.Module, batch: Batch) -> None:
@@ -82,32 +98,35 @@ def collect_input_grams(
 
 
 def basis_info(bases: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """How much of the input space the bases protect after a task (results.json `method_info`).
-    `input_dim` is the largest layer input size; a layer is full when its basis spans its own input space."""
+    """How much of the input space the bases protect after a task (results.json `method_info`): the basis
+    size of every layer, their spread, the largest layer input size, and how many layers are full (their
+    basis spans their own input space, so nothing new can be learnt there without touching old tasks)."""
     if not bases:
         return {}
-    dims = [M.shape[1] for M in bases.values()]
+    dims = {name: M.shape[1] for name, M in bases.items()}
     return {
-        "basis_dims_mean": round(sum(dims) / len(dims), 1),
+        "basis_dims_min": min(dims.values()),
+        "basis_dims_mean": round(sum(dims.values()) / len(dims), 1),
+        "basis_dims_max": max(dims.values()),
         "input_dim": max(M.shape[0] for M in bases.values()),
         "layers_full": sum(M.shape[1] >= M.shape[0] for M in bases.values()),
+        "basis_dims_per_layer": dims,
     }
 
 
 def warn_few_free_directions(
-    method: str, task_index: int, bases: dict[str, torch.Tensor], needed: int, consequence: str
+    method: str, task_index: int, bases: dict[str, torch.Tensor], needed: int, consequence: str, hint: str
 ) -> None:
     """Warn when old tasks' bases leave fewer than `needed` free input directions in some layer.
 
-    The threshold rises by `threshold_step` per task and is capped at 1; at 1 (task 11 with the defaults)
-    the energy rule keeps every direction with any energy, so on a small model (n = 576 for SmolLM2-135M)
-    the bases fill the whole input space within a 15-task sequence."""
+    Both rules' thresholds rise with the task index; near 1 the energy rule keeps every direction with any
+    energy, so on a small model (n = 576 for SmolLM2-135M) the bases can fill the input space within a long
+    sequence. `hint` names the option that slows the rise."""
     short = sum(M.shape[0] - M.shape[1] < needed for M in bases.values())
     if short:
         warnings.warn(
             f"{method}, task {task_index}: in {short} of {len(bases)} layers the old tasks' input basis "
-            f"leaves fewer than {needed} free direction(s): {consequence}. For long task sequences lower "
-            f"the threshold's rise, e.g. --methods {method}:threshold_step=0.001",
+            f"leaves fewer than {needed} free direction(s): {consequence}. For long task sequences {hint}",
             stacklevel=2,
         )
 
@@ -128,45 +147,128 @@ def _eigh_desc(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(0).clamp(min=0), vectors.flip(1)
 
 
-def gpm_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> torch.Tensor:
-    """GPM's basis update (Saha et al. 2021; METHODS.md "gpm").
+def _numerical_rank(values: torch.Tensor) -> int:
+    """Count of the non-negligible values of a descending spectrum (relative tolerance 1e-10)."""
+    return int((values > values[0] * 1e-10).sum().item()) if values.numel() and values[0] > 0 else 0
 
-    With total energy ||R||_F^2 = tr(G) and the part M already explains ||M^T R||_F^2 = tr(M^T G M), add the
-    fewest top eigenvectors of the residual Gram P G P whose energy brings the captured fraction up to
-    `threshold`. Returns the new orthonormal basis (n x k) in the Gram's dtype and device."""
+
+def _first_task_count(ratios: torch.Tensor, threshold: float) -> int:
+    """Directions of task 1, as both authors' codes count them: #{j : sum_{l<=j} ratio_l < threshold}."""
+    return int((torch.cumsum(ratios, 0) < threshold).sum().item())
+
+
+def _later_task_count(ratios: torch.Tensor, start: float, threshold: float) -> int:
+    """Directions of a later task: starting from the fraction the basis already explains, append directions
+    in order while the accumulated fraction is below the threshold (both codes' loop, vectorised)."""
+    before_each = start + torch.cumsum(ratios, 0) - ratios  # the fraction accumulated before direction j
+    return int((before_each < threshold).sum().item())
+
+
+def _extend(basis: torch.Tensor | None, new: torch.Tensor, n: int) -> torch.Tensor:
+    """[M, new], at most n columns, kept exactly orthonormal (QR, signs fixed so columns keep direction)."""
+    stacked = new if basis is None else torch.cat([basis.double(), new], dim=1)
+    q, r = torch.linalg.qr(stacked[:, :n])
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def gpm_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> torch.Tensor:
+    """GPM's basis update (Saha et al. 2021, their `update_GPM`; METHODS.md "gpm"), from G = R R^T.
+
+    Energies are the squared singular values of R (the eigenvalues of G). Task 1 (no basis yet) keeps
+    #{j : cumulative fraction < threshold} top directions, possibly none; later tasks start from the fraction
+    tr(M^T G M) / tr(G) that M explains and append top eigenvectors of the residual Gram P G P while the
+    accumulated fraction is below the threshold. Returns the orthonormal basis (n x k) in G's dtype/device."""
     n = gram.shape[0]
     G = gram.double()
-    P = _complement(basis, n, G.device)
     total = torch.trace(G)
     if total <= 0:
         return basis if basis is not None else gram.new_zeros(n, 0)
-    captured = total - torch.trace(P @ G @ P)  # = tr(M^T G M)
+    P = _complement(basis, n, G.device)
     values, vectors = _eigh_desc(P @ G @ P)
-    needed = threshold * total - captured
-    if needed <= 0:
-        k = 0
+    if basis is None:
+        k = _first_task_count(values / total, threshold)
     else:
-        cumulative = torch.cumsum(values, 0)
-        k = int((cumulative < needed).sum().item()) + 1
-        k = min(k, int((values > values[0] * 1e-10).sum().item()) if values[0] > 0 else 0)
+        captured = (total - values.sum()) / total  # = tr(M^T G M) / tr(G)
+        k = _later_task_count(values / total, float(captured), threshold)
+    k = min(k, _numerical_rank(values))  # never directions of a zero residual (they are arbitrary)
     if k == 0:
         return basis if basis is not None else gram.new_zeros(n, 0)
-    new = P @ vectors[:, :k]  # exactly orthogonal to M, then re-orthonormalised
-    stacked = new if basis is None else torch.cat([basis.double(), new], dim=1)
-    q, _ = torch.linalg.qr(stacked)
-    return q.to(gram.dtype)
+    return _extend(basis, P @ vectors[:, :k], n).to(gram.dtype)
+
+
+def dual_gpm_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The "DualGPM" basis update of InfLoRA's and GainLoRA's code (METHODS.md "inflora"), from G (= N C).
+
+    Energies are the squared singular values S^2 of C. Task 1 keeps max(1, #{j : cumulative fraction <
+    threshold}) top singular vectors of C. Later tasks: total = sum S(C)^2; S^ = singular values of the
+    projected C - M M^T C; start from (total - sum S^2) / total and append its left singular vectors, in
+    order, while the accumulated fraction is below the threshold; at most n columns. Directions of a zero
+    singular value of the projected matrix are never appended (the SVD returns arbitrary ones there, possibly
+    inside span(M)); the authors' code only reaches that case with a threshold above 1."""
+    n = gram.shape[0]
+    C = gram.double()
+    energies = torch.linalg.svdvals(C) ** 2
+    total = energies.sum()
+    if total <= 0:
+        return basis if basis is not None else gram.new_zeros(n, 0)
+    projected = C if basis is None else _complement(basis, n, C.device) @ C
+    U, S, _ = torch.linalg.svd(projected)
+    if basis is None:
+        k = max(1, _first_task_count(energies / total, threshold))
+    else:
+        start = (total - (S**2).sum()) / total
+        k = _later_task_count(S**2 / total, float(start), threshold)
+    k = min(k, _numerical_rank(S))
+    if k == 0:
+        return basis if basis is not None else gram.new_zeros(n, 0)
+    return _extend(basis, U[:, :k], n).to(gram.dtype)
+
+
+@dataclass(frozen=True)
+class BasisRule:
+    """Which energy rule extends a method's input bases, and its threshold schedule.
+
+    kind "gpm": epsilon_i = threshold + step (i - 1), capped at 1, energies sigma^2 of the inputs (GPM).
+    kind "dual_gpm": epsilon_i = threshold + (1 - threshold)(i - 1) / tasks, energies S^2 of the covariance
+    (InfLoRA's and GainLoRA's code)."""
+
+    kind: Literal["gpm", "dual_gpm"]
+    threshold: float
+    step: float = GPM_THRESHOLD_STEP  # gpm only
+    tasks: int = DUAL_GPM_TASKS  # dual_gpm only
+
+    def threshold_at(self, task_index: int) -> float:
+        if self.kind == "gpm":
+            return gpm_threshold(task_index, self.threshold, self.step)
+        return dual_gpm_threshold(task_index, self.threshold, self.tasks)
+
+    def update(self, basis: torch.Tensor | None, gram: torch.Tensor, task_index: int) -> torch.Tensor:
+        """The basis after task `task_index` (1-based), from the old basis (None before task 1) and Gram."""
+        update = gpm_update if self.kind == "gpm" else dual_gpm_update
+        return update(basis, gram, self.threshold_at(task_index))
+
+    def update_all(
+        self, bases: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], task_index: int
+    ) -> None:
+        """Extend every basis in `bases` (in place) with its layer's Gram."""
+        for name, gram in grams.items():
+            bases[name] = self.update(bases.get(name), gram, task_index)
 
 
 def complement_directions(basis: torch.Tensor | None, gram: torch.Tensor, k: int) -> torch.Tensor:
-    """InfLoRA's design of A (METHODS.md "inflora"): the top-k left singular vectors of (I - M M^T) H, i.e.
-    the top-k eigenvectors of P G P, as rows (k x n, orthonormal, orthogonal to M).
+    """InfLoRA's design of A (METHODS.md "inflora"): the top-k left singular vectors of C - M M^T C = P C, as
+    rows (k x n, orthonormal, orthogonal to M), from G = N C.
 
-    A tiny multiple of P is added before the eigen-decomposition so that, should the residual have rank < k,
-    the remaining rows are still taken inside the complement of M rather than inside span(M)."""
+    They are the top eigenvectors of P G G P. A tiny multiple of P is added before the eigen-decomposition so
+    that, should P G have rank < k, the remaining rows are still taken inside the complement of M rather than
+    inside span(M)."""
     n = gram.shape[0]
     G = gram.double()
     P = _complement(basis, n, G.device)
-    residual = P @ G @ P
+    projected = P @ G
+    residual = projected @ projected.T
     scale = torch.trace(residual).clamp(min=1e-30) / n
     _, vectors = _eigh_desc(residual + 1e-9 * scale * P)
     rows = (P @ vectors[:, :k]).T
