@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loracl.config import load_config
+from loracl.config import build_config, load_config
 from loracl.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -77,3 +77,16 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
     """The demo, tiny, GPU and paper presets validate (the presets name data folders the user sets)."""
     config = load_config(path)
     assert config.train.lr > 0 and config.eval.max_new_tokens > 0
+
+
+def test_eval_split_defaults_to_test_and_validation_needs_a_fraction():
+    assert build_config({}).eval.split == "test"
+    with pytest.raises(ConfigError) as excinfo:
+        build_config({"eval": {"split": "validation"}}, "x.yaml")
+    message = str(excinfo.value)
+    assert message.startswith("x.yaml: eval.split=validation needs benchmark.validation_fraction > 0")
+    assert "\n" not in message
+    config = build_config({"eval": {"split": "validation"}, "benchmark": {"validation_fraction": 0.2}})
+    assert config.eval.split == "validation"
+    with pytest.raises(ConfigError, match="eval.split: Input should be 'test' or 'validation'"):
+        build_config({"eval": {"split": "dev"}})

@@ -32,6 +32,8 @@ BENCH_EPILOG = """examples:
   loracl bench configs/gpu.yaml --methods slao,seq_lora,olora,inflora,mtl --jobs 4
   loracl bench configs/demo.yaml --methods slao,seq_lora --orders order4,order5,order6 \\
       --set eval.matrix=metrics --output runs/bench-long     # 15 tasks: 43 task evaluations, not 225
+  loracl bench configs/demo.yaml --methods slao,seq_lora,ewc --orders order1,order2 \\
+      --tune 'train.lr=1e-4,3e-4,1e-3;method.lam=1,100' --select-on validation
   loracl bench --report-only runs/bench
 
 Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A cell whose results.json is
@@ -41,7 +43,18 @@ A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; 
 the exit status is 1. Options in the config's method section apply to every method; give one method its
 own with NAME:KEY=VALUE, and any config key for its cells alone with a dotted key, e.g.
 seq_lora:train.lr=3e-4 or ewc:method.lam=1000 (not benchmark.order/tasks or output_dir, which the grid
-sets). The base model is evaluated once per order (scores cached in DIR/_zero_shot/)."""
+sets). The base model is evaluated once per order (scores cached in DIR/_zero_shot/).
+
+Hyper-parameter selection (--tune): KEY=V1,V2,... with KEY a dotted config key and each value YAML (a list
+in brackets is one value); several keys separated by ';' (or --tune repeated) are crossed: every
+combination is a candidate, the first key varying slowest. Each method runs every candidate on every order
+with evaluation on a validation split carved from train (benchmark.validation_fraction; 0.1 when the config
+sets none; the final runs leave the same examples out of training), in DIR/tune/<method>/<candidate>/<order>/
+(eval.split=validation: no test file is opened). Per method the candidate with the best mean validation AP
+over the orders is chosen (a tie: the first listed), then run on test as an ordinary cell. A key the
+method sets itself in --methods (seq_lora:train.lr=3e-4) is not tuned for it; a method.KEY is tuned only for
+the methods that have that option; a method that does not train is not tuned. bench.md's "Selection on
+validation" and bench.json's "selection" give every candidate's scores and the choice."""
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -286,6 +299,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "DIR/<method>/<order>.log",
     )
     p.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2[;KEY=V1,V2]",
+        help="select each method's value of these config keys on validation before its test runs "
+        "(every combination is a candidate; see below); repeatable",
+    )
+    p.add_argument(
+        "--select-on",
+        metavar="SPLIT",
+        help="what --tune selects on: only 'validation' (the default), a split carved from the training data",
+    )
+    p.add_argument(
         "--report-only",
         metavar="DIR",
         help="run nothing: rebuild bench.md / .csv / .png from the cells already in DIR",
@@ -308,9 +334,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if cap is not None:
                 overrides.append(f"benchmark.{key}={cap}")
         cells = run_grid(
-            args.config, args.methods, args.orders, overrides, args.output, args.label, args.jobs
+            args.config, args.methods, args.orders, overrides, args.output, args.label, args.jobs,
+            args.tune, args.select_on,
         )
-    failed = [f"{c.method} on {c.order}" for c in cells if c.status == "failed"]
+    failed = [c.where for c in cells if c.status == "failed"]
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -103,7 +103,13 @@ class BenchmarkSection(_Section):
     data_dir: str | None = Field(None, description="data folder; default ../shared/data or $LORACL_DATA_DIR")
     max_train: int | None = Field(None, gt=0, description="cap on training examples per task")
     max_test: int | None = Field(None, gt=0, description="cap on test examples per task")
-    validation_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of train held out")
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of each task's (capped) training examples held out of training as its "
+        "validation split (what eval.split=validation evaluates on; `loracl bench --tune` selects on it)",
+    )
 
 
 class TrainSection(_Section):
@@ -144,6 +150,11 @@ class EvalSection(_Section):
         description="full: every task after every task (T*T evaluations); metrics: only the entries AP, "
         "BWT and FWT read (tasks i and i+1 after task i, every task after the last: 3T-2), forgetting n/a",
     )
+    split: Literal["test", "validation"] = Field(
+        "test",
+        description="the examples every evaluation (zero-shot and the matrix) scores: test, or validation, "
+        "carved from train (needs benchmark.validation_fraction > 0); with validation no test file is read",
+    )
 
 
 class RunConfig(_Section):
@@ -159,6 +170,15 @@ class RunConfig(_Section):
     @classmethod
     def _method_name_shortcut(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _validation_needs_a_fraction(self) -> RunConfig:
+        if self.eval.split == "validation" and self.benchmark.validation_fraction == 0:
+            raise ValueError(
+                "eval.split=validation needs benchmark.validation_fraction > 0 (the validation split is "
+                "carved from the training data), e.g. --set benchmark.validation_fraction=0.1"
+            )
+        return self
 
     def method_options(self) -> dict[str, Any]:
         """Options of the method section other than its name."""
@@ -182,6 +202,8 @@ def _suggest(key: str) -> str:
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
+    if not first["loc"] and first["type"] == "value_error":  # a check across sections: its message says all
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{_suggest(key)}"

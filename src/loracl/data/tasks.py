@@ -8,6 +8,7 @@ from loracl.config import RunConfig
 from loracl.data.benchmarks import load_benchmark
 from loracl.data.check import detect_benchmark
 from loracl.data.formats import Task
+from loracl.errors import ConfigError
 
 
 def resolve_benchmark(config: RunConfig) -> RunConfig:
@@ -17,13 +18,19 @@ def resolve_benchmark(config: RunConfig) -> RunConfig:
     the same benchmark."""
     b = config.benchmark
     if "name" not in b.model_fields_set and b.data_dir is not None:
+        if config.eval.split == "validation":  # detection samples test.json first: never open it here
+            raise ConfigError(
+                "eval.split=validation: set benchmark.name (telling the benchmark from the data folder's "
+                "layout reads test files)"
+            )
         detected = detect_benchmark(Path(b.data_dir).expanduser())
         b.name = detected or b.name  # an assignment: from now on the name counts as given
     return config
 
 
 def load_tasks(config: RunConfig) -> list[Task]:
-    """The tasks a run config names (benchmark section; the seed picks capped examples)."""
+    """The tasks a run config names (benchmark section; the seed picks capped examples). With
+    eval.split=validation no test file is opened: each task's test list is empty."""
     b = resolve_benchmark(config).benchmark
     return load_benchmark(
         b.name,
@@ -34,4 +41,5 @@ def load_tasks(config: RunConfig) -> list[Task]:
         max_test=b.max_test,
         validation_fraction=b.validation_fraction,
         seed=config.train.seed,
+        split=config.eval.split,
     )

@@ -1,6 +1,7 @@
 """Evaluation: batched greedy generation (KV cache, left padding), each answer scored with its task's metric
 (loracl.engine.scoring: exact match and ROUGE-L as SuperNI's compute_metrics, TRACE's own per task), or with
-`eval.metric` for every task; averaged per task, in percent.
+`eval.metric` for every task; averaged per task, in percent. The examples are each task's test split, or
+with `eval.split: validation` its validation split (carved from train; the test split is then not loaded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loracl.config import RunConfig
-from loracl.data import Task
+from loracl.data import Example, Task
 from loracl.data.text import PromptEncoder
 from loracl.engine import distributed
 from loracl.engine.interrupt import check_interrupt
@@ -24,11 +25,11 @@ from loracl.engine.scoring import score, strip_token
 class TaskResult:
     score: float  # percent
     predictions: list[str]
-    example_scores: list[float]  # per test example, in [0, 1]
+    example_scores: list[float]  # per evaluated example, in [0, 1]
 
 
 class Evaluator:
-    """Generates answers for a task's test examples and scores them."""
+    """Generates answers for a task's test (or validation) examples and scores them."""
 
     def __init__(
         self,
@@ -37,12 +38,20 @@ class Evaluator:
         batch_size: int,
         max_new_tokens: int,
         metric: str | None = None,
+        split: str = "test",
     ):
+        if split not in ("test", "validation"):
+            raise ValueError(f"split must be 'test' or 'validation', not {split!r}")
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.metric = metric  # every task's metric when set (eval.metric); else each task's own convention
+        self.split = split  # which examples of a task are scored (eval.split)
+
+    def examples(self, task: Task) -> list[Example]:
+        """The examples of `task` this evaluator scores: its test or its validation split."""
+        return task.validation if self.split == "validation" else task.test
 
     def metric_of(self, task: Task) -> str:
         return self.metric or task.metric
@@ -104,12 +113,13 @@ class Evaluator:
 
     def evaluate(self, model: torch.nn.Module, task: Task) -> TaskResult:
         budget = self.new_token_budget(task)
-        prompts = [self.encoder.prompt_ids(ex.prompt, reserve=budget)[0] for ex in task.test]
+        examples = self.examples(task)
+        prompts = [self.encoder.prompt_ids(ex.prompt, reserve=budget)[0] for ex in examples]
         predictions = self.generate(model, prompts, budget)
         eos = self.tokenizer.eos_token
         scores = [
             score(strip_token(p, eos), ex.answers, self.metric_of(task), ex.prompt)
-            for p, ex in zip(predictions, task.test, strict=True)
+            for p, ex in zip(predictions, examples, strict=True)
         ]
         return TaskResult(100.0 * sum(scores) / len(scores), predictions, scores)
 
@@ -127,4 +137,4 @@ def make_evaluator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Eva
     """The prompt encoding and evaluation settings of a config (shared by runs and `loracl eval`)."""
     encoder = PromptEncoder(tokenizer, config.train.max_length, config.model.chat_template)
     e = config.eval
-    return Evaluator(tokenizer, encoder, e.batch_size, e.max_new_tokens, e.metric)
+    return Evaluator(tokenizer, encoder, e.batch_size, e.max_new_tokens, e.metric, e.split)

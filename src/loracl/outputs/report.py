@@ -128,11 +128,29 @@ def _other_conventions_line(results: dict[str, Any]) -> str:
     )
 
 
+def split_line(results: dict[str, Any]) -> str:
+    """What the scores are over, said when it is not the test split."""
+    if results.get("eval_split", "test") != "validation":
+        return ""
+    fraction = ((results.get("config") or {}).get("benchmark") or {}).get("validation_fraction")
+    share = (
+        f" (a fraction {fraction:g} of each task's training examples, held out of training)"
+        if fraction
+        else ""
+    )
+    return (
+        f"Every score is on the **validation** split{share}, not on test: no test file was read by this "
+        "run.\n"
+    )
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     m = results["metrics"]
     per_task = results["per_task"]
+    split = "validation" if results.get("eval_split") == "validation" else "test"
     rows = "\n".join(
-        f"| {i + 1}. {t['task']} | {t['train_examples']} | {t['test_examples']} | {t['train_seconds']:.1f} | "
+        f"| {i + 1}. {t['task']} | {t['train_examples']} | {t.get('eval_examples', t['test_examples'])} | "
+        f"{t['train_seconds']:.1f} | "
         f"{t['eval_seconds']:.1f} | {t['train_tokens_per_s']:.0f} | {_loss(t['final_loss'])} | "
         f"{_bytes(t['adapter_bytes'])} | {t['stored_adapters']} |"
         for i, t in enumerate(per_task)
@@ -150,7 +168,7 @@ Method options: {options}.
 {_data_line(results)}
 
 {setup_line(results)}
-
+{split_line(results)}
 ## Metrics (percent)
 
 | AP | BWT | FWT | Forgetting |
@@ -171,7 +189,7 @@ FWT = score on the next task before training on it, minus the base model's; see 
 
 ## Per task
 
-| task | train ex. | test ex. | train s | eval s | train tok/s | final loss | adapter | adapters |
+| task | train ex. | {split} ex. | train s | eval s | train tok/s | final loss | adapter | adapters |
 |---|---|---|---|---|---|---|---|---|
 {rows}
 {details}

@@ -8,12 +8,20 @@ The bench directory:
 
 A cell whose results.json is complete and holds the same resolved config is not run again, so an interrupted
 or extended grid picks up where it stopped; anything else in a cell's folder is replaced by a fresh run.
+
+With `--tune` (hyper-parameter selection, `--select-on validation`), every candidate config of each method
+first runs on every order in `tune/<method>/<candidate>/<order>/` with `eval.split: validation` (scored on
+a validation split carved from train; no test file is opened); per method the candidate with the best mean
+validation AP is chosen, and only then are the ordinary cells planned (their test data read) and run with
+the chosen config. bench.json's `selection` holds every candidate's scores and the choice.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
+import itertools
 import json
 import math
 import re
@@ -24,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from loracl.config import RunConfig, build_config, load_config_data, parse_value, set_dotted
 from loracl.data import ORDERS, load_tasks, resolve_benchmark
@@ -59,6 +67,9 @@ METRICS = ("AP", "BWT", "FWT", "forgetting")
 ERROR_FILE = "bench_error.txt"
 MANIFEST = "bench.json"
 ZERO_SHOT_DIR = "_zero_shot"  # cached base-model scores (method folders never start with "_")
+TUNE_DIR = "tune"  # tuning cells: tune/<method>/<candidate>/<order>/ (no method is named tune)
+SELECT_ON = ("validation",)  # what --select-on accepts: never test
+DEFAULT_VALIDATION_FRACTION = 0.1  # held out for selection when --tune is given and the config holds none
 
 
 def _dirname(text: str) -> str:
@@ -127,6 +138,94 @@ def parse_order(text: str) -> OrderSpec:
     )
 
 
+# Keys --tune may not vary: the bench sets them, or selection and final runs must share them.
+_UNTUNABLE = {
+    **dict.fromkeys(_BENCH_KEYS, "is set by the bench for every cell"),
+    "eval.split": "is set by the bench (validation for the tuning runs, test for the final ones)",
+    "benchmark.validation_fraction": "cannot be tuned: selection and final runs hold out the same examples",
+}
+TUNE_EXAMPLE = "--tune 'train.lr=1e-4,3e-4;method.lam=1,100'"
+
+
+@dataclass(frozen=True)
+class TunedKey:
+    """One key of --tune and the values to try, in the order given (`texts`: as typed, for labels)."""
+
+    key: str
+    values: tuple[Any, ...]
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One config a method is tried with: `text` as --methods writes config keys (`train.lr=1e-4:...`)."""
+
+    text: str
+    values: dict[str, Any]  # dotted config key -> value
+
+
+def _split_outside(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`, except inside brackets, braces or quotes (a YAML list is one value)."""
+    parts, current, depth, quote = [], [], 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == separator and depth <= 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    return [*parts, "".join(current)]
+
+
+def parse_tune(entries: Sequence[str]) -> list[TunedKey]:
+    """--tune: `KEY=V1,V2,...`, several keys separated by ';' (or --tune repeated); KEY a dotted config key,
+    each value YAML (a list in brackets is one value). Several keys: every combination is a candidate."""
+    tuned: list[TunedKey] = []
+    for item in (part.strip() for entry in entries for part in _split_outside(entry, ";")):
+        if not item:
+            continue
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"--tune: {item!r}: expected KEY=V1,V2,..., e.g. {TUNE_EXAMPLE}")
+        if "." not in key:
+            raise ConfigError(f"--tune: {key!r} is not a dotted config key (e.g. train.lr, method.lam)")
+        if key in _UNTUNABLE:
+            raise ConfigError(f"--tune: {key} {_UNTUNABLE[key]}")
+        if any(t.key == key for t in tuned):
+            raise ConfigError(f"--tune: {key} is given twice")
+        texts = [text.strip() for text in _split_outside(raw, ",")]
+        if not all(texts):
+            raise ConfigError(f"--tune: {key}={raw}: an empty value; give values separated by commas")
+        values = [parse_value(text, f"--tune {key}") for text in texts]
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                first = texts[values.index(value)]
+                raise ConfigError(f"--tune: {key} lists one value twice ({first!r} and {texts[i]!r})")
+        tuned.append(TunedKey(key, tuple(values), tuple(texts)))
+    if not tuned:
+        raise ConfigError(f"--tune: give at least one KEY=V1,V2,..., e.g. {TUNE_EXAMPLE}")
+    return tuned
+
+
+def check_select_on(select_on: str | None, tuned: bool) -> None:
+    if select_on is None:
+        return
+    if not tuned:
+        raise ConfigError("--select-on needs --tune (the values to select among)")
+    if select_on not in SELECT_ON:
+        raise ConfigError(
+            f"--select-on: {select_on!r} is not accepted; only 'validation' (a split carved from the "
+            "training data: selection never looks at test)"
+        )
+
+
 def parse_grid(methods: str, orders: str) -> tuple[list[MethodSpec], list[OrderSpec]]:
     method_specs = [parse_method(t) for t in _split(methods, "methods")]
     order_specs = [parse_order(t) for t in _split(orders, "orders")]
@@ -144,6 +243,7 @@ class Cell:
     config: RunConfig
     path: Path
     zero_shot_cache: Path | None = None  # shared by the grid: the base model is evaluated once per order
+    candidate: Candidate | None = None  # a tuning cell's candidate (its config evaluates on validation)
 
     def config_json(self) -> dict[str, Any]:
         """The resolved config as results.json stores it (what a finished cell is compared with)."""
@@ -188,6 +288,99 @@ def plan_grid(
             load_tasks(cell.config)
             checked.add(cell.order.text)
     return cells
+
+
+@dataclass
+class MethodTuning:
+    """How --tune applies to one method: its candidates (none: not tuned, `note` says why), the tuned keys
+    it sets itself in --methods (they win over --tune) and those that are not options of it."""
+
+    method: MethodSpec
+    candidates: list[Candidate]
+    fixed: dict[str, Any]
+    skipped: list[str]
+    note: str = ""
+
+    def spec(self, candidate: Candidate) -> MethodSpec:
+        """The method with the candidate's values among its own config keys (same text: same folder)."""
+        m = self.method
+        return MethodSpec(m.text, m.name, m.options, {**m.settings, **candidate.values})
+
+
+def method_tuning(method: MethodSpec, tuned: list[TunedKey]) -> MethodTuning:
+    cls = method_class(method.name)
+    explicit = {**{f"method.{k}": v for k, v in method.options.items()}, **method.settings}
+    fixed = {t.key: explicit[t.key] for t in tuned if t.key in explicit}
+    options = cls.Options.model_fields
+    skipped = [
+        t.key
+        for t in tuned
+        if t.key not in fixed and t.key.startswith("method.") and t.key.split(".", 1)[1] not in options
+    ]
+    free = [t for t in tuned if t.key not in fixed and t.key not in skipped]
+    if not cls.trains:
+        return MethodTuning(method, [], fixed, [], "it does not train")
+    if not free:
+        return MethodTuning(method, [], fixed, skipped, "no tuned key is left to it")
+    candidates = []
+    for combo in itertools.product(*(list(zip(t.values, t.texts, strict=True)) for t in free)):
+        pairs = list(zip(free, combo, strict=True))  # (tuned key, (value, text)), first key slowest
+        text = ":".join(f"{t.key}={typed}" for t, (_, typed) in pairs)
+        candidates.append(Candidate(text, {t.key: value for t, (value, _) in pairs}))
+    folders = [_dirname(c.text) for c in candidates]
+    if len(set(folders)) != len(folders):
+        raise ConfigError(f"--tune: two candidates of {method.text} map to the same folder name")
+    return MethodTuning(method, candidates, fixed, skipped)
+
+
+def plan_tuning(
+    base: dict[str, Any],
+    methods: list[MethodSpec],
+    orders: list[OrderSpec],
+    tuned: list[TunedKey],
+    output: Path,
+) -> tuple[list[MethodTuning], list[Cell]]:
+    """Every method's candidates and every tuning cell's config (evaluating on validation), validated, and
+    each order's training data checked without opening a test file."""
+    build_config(base)
+    tunings = [method_tuning(m, tuned) for m in methods]
+    for t in tuned:
+        if t.key.startswith("method.") and all(t.key in mt.skipped for mt in tunings):
+            names = ", ".join(m.text for m in methods)
+            raise ConfigError(f"--tune: {t.key} is an option of none of the methods ({names})")
+    for spec in methods:
+        if "eval.split" in spec.settings:
+            raise ConfigError(f"--methods {spec.text}: eval.split {_UNTUNABLE['eval.split']} under --tune")
+    for tuning in tunings:  # the values a method sets itself, as its config holds them (1e-4: a float)
+        if tuning.fixed:
+            resolved = build_config(cell_data(base, tuning.method, orders[0])).model_dump(mode="json")
+            tuning.fixed = {key: _dotted(resolved, key) for key in tuning.fixed}
+    cells = []
+    for tuning in tunings:
+        seen: dict[str, str] = {}  # a candidate's resolved config -> its text: "1e-4" and "0.0001" are one
+        for candidate in tuning.candidates:
+            spec = tuning.spec(candidate)
+            for order in orders:
+                data = cell_data(base, spec, order)
+                set_dotted(data, "eval.split", "validation", "--tune")
+                where = f"{tuning.method.text} with {candidate.text} on {order.text}"
+                config = resolve_benchmark(build_config(data, where))
+                try:
+                    create_method(spec.name, config.method_options(), config.lora)
+                except ConfigError as exc:
+                    raise ConfigError(f"--tune: {where}: {exc}") from exc
+                same = seen.setdefault(runner.result_relevant_config(config), candidate.text)
+                if same != candidate.text:
+                    raise ConfigError(f"--tune: {same} and {candidate.text} give {spec.text} the same config")
+                path = output / TUNE_DIR / _dirname(spec.text) / _dirname(candidate.text)
+                path = path / _dirname(order.text)
+                cells.append(Cell(spec, order, config, path, output / ZERO_SHOT_DIR, candidate))
+    checked: set[str] = set()
+    for cell in cells:
+        if cell.order.text not in checked:
+            load_tasks(cell.config)  # eval.split is validation: train (and labels) only
+            checked.add(cell.order.text)
+    return tunings, cells
 
 
 def _read_results(path: Path) -> dict[str, Any] | None:
@@ -273,34 +466,61 @@ def _free_memory() -> None:
 
 
 def bench_command(
-    config_path: str | None, methods: str, orders: str, overrides: Sequence[str], output: Path, label: str
+    config_path: str | None,
+    methods: str,
+    orders: str,
+    overrides: Sequence[str],
+    output: Path,
+    label: str,
+    tune: Sequence[str] = (),
+    select_on: str | None = None,
 ) -> str:
     """The command line that reproduces this grid (recorded in bench.json and bench.md)."""
     parts = ["loracl", "bench"] + ([config_path] if config_path else [])
     parts += ["--methods", methods, "--orders", orders]
     for override in overrides:
         parts += ["--set", override]
+    for entry in tune:
+        parts += ["--tune", entry]
+    if tune:
+        parts += ["--select-on", select_on or SELECT_ON[0]]
     parts += ["--output", str(output), "--label", label]
     return shlex.join(parts)
 
 
-def write_manifest(output: Path, label: str, command: str, cells: list[Cell]) -> None:
+def _cell_entry(cell: Cell, output: Path) -> dict[str, Any]:
+    entry = {
+        "method": cell.method.text,
+        "order": cell.order.text,
+        "path": str(cell.path.relative_to(output)),
+        "config": cell.config_json(),
+    }
+    return entry if cell.candidate is None else {**entry, "candidate": cell.candidate.text}
+
+
+def write_manifest(
+    output: Path,
+    label: str,
+    command: str,
+    cells: list[Cell],
+    selection: dict[str, Any] | None = None,
+    methods: Sequence[str] | None = None,
+    orders: Sequence[str] | None = None,
+) -> None:
+    """bench.json. `selection` (with --tune): how the methods were tuned, its cells and its outcome; the
+    ordinary `cells` are then those of the chosen configs (none yet while the selection runs)."""
     output.mkdir(parents=True, exist_ok=True)
-    manifest = {
+    methods = list(dict.fromkeys(c.method.text for c in cells)) if methods is None else methods
+    orders = list(dict.fromkeys(c.order.text for c in cells)) if orders is None else orders
+    manifest: dict[str, Any] = {
         "label": label,
         "command": command,
-        "methods": list(dict.fromkeys(c.method.text for c in cells)),
-        "orders": list(dict.fromkeys(c.order.text for c in cells)),
-        "cells": [
-            {
-                "method": c.method.text,
-                "order": c.order.text,
-                "path": str(c.path.relative_to(output)),
-                "config": c.config_json(),
-            }
-            for c in cells
-        ],
+        "methods": list(methods),
+        "orders": list(orders),
+        "cells": [_cell_entry(c, output) for c in cells],
     }
+    if selection is not None:
+        manifest["selection"] = selection
     runner.write_json_atomic(manifest, output / MANIFEST)
 
 
@@ -324,22 +544,46 @@ def run_grid(
     output: str | Path = "runs/bench",
     label: str | None = None,
     jobs: int = 1,
+    tune: Sequence[str] = (),
+    select_on: str | None = None,
 ) -> list[CellResult]:
     """Validate the whole grid, run the cells not finished yet (`jobs` of them at a time, each in its own
-    process, when jobs > 1), then write bench.md / .csv / .png."""
+    process, when jobs > 1), then write bench.md / .csv / .png. With `tune` (--tune entries), each method's
+    config is first selected on validation (see select_configs), then the chosen one runs on test."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, not {jobs}")
+    check_select_on(select_on, bool(tune))
+    tuned = parse_tune(tune) if tune else []
     output = Path(output)
     check_bench_dir(output)
     label = label or output.name
     method_specs, order_specs = parse_grid(methods, orders)
     base = load_config_data(config_path, list(overrides))
-    cells = plan_grid(base, method_specs, order_specs, output)
-    command = bench_command(config_path, methods, orders, overrides, output, label)
-    write_manifest(output, label, command, cells)
+    command = bench_command(config_path, methods, orders, overrides, output, label, tune, select_on)
+    grid = ([m.text for m in method_specs], [o.text for o in order_specs])
+    selection, busy = None, []
+    if tuned:
+        method_specs, selection, busy = select_configs(
+            base, method_specs, order_specs, tuned, list(tune), output, label, command, jobs
+        )
+    cells = plan_grid(base, method_specs, order_specs, output) if method_specs else []
+    write_manifest(output, label, command, cells, selection, *grid)
+    heads = [f"[cell {n}/{len(cells)}] {c.method.text} on {c.order.text}" for n, c in enumerate(cells, 1)]
+    busy += run_cells(cells, heads, jobs)
+    results = write_bench_report(output)
+    if busy:
+        raise CellsBusy(
+            f"{len(busy)} cell(s) are being run by another process ({'; '.join(busy)}); run the same "
+            "command again once it has finished"
+        )
+    return results
+
+
+def run_cells(cells: list[Cell], heads: list[str], jobs: int) -> list[str]:
+    """Run the cells not finished yet, one after the other or `jobs` at a time; returns the heads of those
+    left to another process running them."""
     pending = []
-    for number, cell in enumerate(cells, start=1):
-        head = f"[cell {number}/{len(cells)}] {cell.method.text} on {cell.order.text}"
+    for head, cell in zip(heads, cells, strict=True):
         if is_finished(cell.path, cell.config):
             (cell.path / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure this cell has outlived
             print(f"{head}: finished earlier, skipped")
@@ -360,13 +604,147 @@ def run_grid(
                 continue
             if error:
                 print(f"{job.head}: FAILED: {error} (traceback in {job.path / ERROR_FILE})")
-    cells = write_bench_report(output)
-    if busy:
-        raise CellsBusy(
-            f"{len(busy)} cell(s) are being run by another process ({'; '.join(busy)}); run the same "
-            "command again once it has finished"
+    return busy
+
+
+# -- selection on validation (--tune) -----------------------------------------------------------------------
+
+
+def _validation_fraction(base: dict[str, Any]) -> tuple[float, bool]:
+    """The fraction of training examples held out for selection, and whether --tune's default was applied
+    (the config holds none): it is then written into `base`, so the final cells leave the same out."""
+    fraction = build_config(base).benchmark.validation_fraction
+    if fraction > 0:
+        return fraction, False
+    set_dotted(base, "benchmark.validation_fraction", DEFAULT_VALIDATION_FRACTION, "--tune")
+    return DEFAULT_VALIDATION_FRACTION, True
+
+
+def select_configs(
+    base: dict[str, Any],
+    methods: list[MethodSpec],
+    orders: list[OrderSpec],
+    tuned: list[TunedKey],
+    tune_text: list[str],
+    output: Path,
+    label: str,
+    command: str,
+    jobs: int,
+) -> tuple[list[MethodSpec], dict[str, Any], list[str]]:
+    """Run every tuning cell (validation only: no test file is opened before the choice is made), choose
+    per method the candidate with the best mean validation AP over the orders (a tie: the one listed first),
+    and return the methods to run on test (each tuned one with its choice; one without a choice is left
+    out), bench.json's `selection`, and the heads of the tuning cells left to another process running them."""
+    split = _dotted(base, "eval.split")
+    if split not in (None, "test"):
+        raise ConfigError(f"--tune: eval.split {_UNTUNABLE['eval.split']}; do not set it (it is {split!r})")
+    fraction, defaulted = _validation_fraction(base)
+    tunings, cells = plan_tuning(base, methods, orders, tuned, output)
+    if defaulted:
+        print(
+            f"note: --tune: benchmark.validation_fraction is 0; holding out {DEFAULT_VALIDATION_FRACTION} of "
+            "each task's training examples for selection (the final runs leave the same ones out)"
         )
-    return cells
+    selection = {
+        "select_on": "validation",
+        "validation_fraction": fraction,
+        "fraction_defaulted": defaulted,
+        "tune": tune_text,
+        "methods": [_method_record(t, cells, orders) for t in tunings],
+        "cells": [_cell_entry(c, output) for c in cells],
+    }
+    texts = [m.text for m in methods]
+    order_texts = [o.text for o in orders]
+    write_manifest(output, label, command, [], selection, texts, order_texts)  # the grid's folder, first
+    heads = [
+        f"[tune {n}/{len(cells)}] {c.method.text} {c.candidate.text if c.candidate else ''} on {c.order.text}"
+        for n, c in enumerate(cells, 1)
+    ]
+    busy = run_cells(cells, heads, jobs)
+    records = [_method_record(t, cells, orders) for t in tunings]
+    selection["methods"] = records
+    chosen = []
+    for tuning, record in zip(tunings, records, strict=True):
+        print(f"[selection] {selection_line(record)}")
+        if not tuning.candidates:
+            chosen.append(tuning.method)
+        elif record["chosen"] is not None:
+            pick = next(c for c in tuning.candidates if c.text == record["chosen"])
+            chosen.append(tuning.spec(pick))
+    return chosen, selection, busy
+
+
+def _tuning_score(cell: Cell) -> tuple[str, float | None]:
+    """A tuning cell's state (ok, failed, unfinished) and its validation AP when ok."""
+    if (cell.path / ERROR_FILE).is_file():
+        return "failed", None
+    results = _read_results(cell.path)
+    if not (results and results.get("complete") and made_with(results, cell.config)):
+        return "unfinished", None
+    ap = results.get("metrics", {}).get("AP")
+    return ("ok", float(ap)) if isinstance(ap, (int, float)) else ("failed", None)
+
+
+def _method_record(tuning: MethodTuning, cells: list[Cell], orders: list[OrderSpec]) -> dict[str, Any]:
+    """bench.json's account of one method's selection: each candidate's validation AP per order and mean,
+    its state (ok; failed: some order failed, out of the running; unfinished), and the choice (None while
+    a candidate is unfinished, or when none finished every order)."""
+    candidates = []
+    for candidate in tuning.candidates:
+        mine = {
+            c.order.text: c
+            for c in cells
+            if c.method.text == tuning.method.text and c.candidate and c.candidate.text == candidate.text
+        }
+        found = {order.text: _tuning_score(mine[order.text]) for order in orders}
+        states = {state for state, _ in found.values()}
+        state = "failed" if "failed" in states else "unfinished" if "unfinished" in states else "ok"
+        scores = {order: ap for order, (_, ap) in found.items()}
+        resolved = mine[orders[0].text].config.model_dump(mode="json")  # the values as the config holds them
+        values = {key: _dotted(resolved, key) for key in candidate.values}
+        mean = statistics.fmean(ap for ap in scores.values() if ap is not None) if state == "ok" else None
+        entry = {"text": candidate.text, "values": values, "scores": scores, "mean": mean}
+        candidates.append({**entry, "state": state})
+    chosen, why = None, tuning.note
+    if tuning.candidates:
+        if any(c["state"] == "unfinished" for c in candidates):
+            why = "not every candidate has finished on every order yet"
+        elif not any(c["state"] == "ok" for c in candidates):
+            why = "no candidate finished on every order"
+        else:
+            best = max((c for c in candidates if c["state"] == "ok"), key=lambda c: c["mean"])  # 1st of ties
+            chosen, why = best["text"], ""
+    return {
+        "method": tuning.method.text,
+        "tuned_keys": list(tuning.candidates[0].values) if tuning.candidates else [],
+        "fixed": tuning.fixed,
+        "skipped": tuning.skipped,
+        "candidates": candidates,
+        "chosen": chosen,
+        "note": why,
+    }
+
+
+def _dotted(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def selection_line(record: dict[str, Any]) -> str:
+    """One method's selection as the progress output says it."""
+    method = record["method"]
+    fixed = "".join(f"; {key} set in --methods (wins over --tune)" for key in record["fixed"])
+    if not record["candidates"]:
+        return f"{method}: not tuned ({record['note']}{fixed})"
+    if record["chosen"] is None:
+        return f"{method}: no choice: {record['note']}; its test cells do not run{fixed}"
+    tried = ", ".join(f"{c['text']} {_fmt(c['mean'])}" for c in record["candidates"])
+    best = next(c for c in record["candidates"] if c["text"] == record["chosen"])
+    return (
+        f"{method}: {record['chosen']} chosen, mean validation AP {_fmt(best['mean'])} (candidates: {tried})"
+        + fixed
+    )
 
 
 class CellsBusy(ConfigError):
@@ -397,6 +775,12 @@ class CellResult:
     status: str  # ok, failed, incomplete, stale (finished with another config), missing
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    candidate: str = ""  # a tuning cell's candidate (--tune); "" for the grid's own cells
+
+    @property
+    def where(self) -> str:
+        """The cell in words, as the failure line names it."""
+        return f"{self.method} on {self.order}" + (f" (tuning {self.candidate})" if self.candidate else "")
 
     def metric(self, key: str) -> float | None:
         return self.results.get("metrics", {}).get(key) if self.status == "ok" else None
@@ -411,6 +795,11 @@ def _error_summary(path: Path) -> str:
 
 
 def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
+    cell = _read_cell(output, entry)
+    return dataclasses.replace(cell, candidate=entry["candidate"]) if entry.get("candidate") else cell
+
+
+def _read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
     path = output / entry["path"]
     results = _read_results(path) or {}
     if (path / ERROR_FILE).is_file():
@@ -442,12 +831,50 @@ class _ManifestCell(BaseModel):
         return value
 
 
+class _TuneCell(_ManifestCell):
+    candidate: str
+
+
+class _CandidateRecord(BaseModel):
+    text: str
+    values: dict[str, Any]
+    scores: dict[str, float | None]
+    mean: float | None
+    state: Literal["ok", "failed", "unfinished"]
+
+
+class _MethodRecord(BaseModel):
+    method: str
+    tuned_keys: list[str]
+    fixed: dict[str, Any]
+    skipped: list[str]
+    candidates: list[_CandidateRecord]
+    chosen: str | None
+    note: str
+
+
+class _Selection(BaseModel):
+    select_on: Literal["validation"]
+    validation_fraction: float
+    fraction_defaulted: bool
+    tune: list[str]
+    methods: list[_MethodRecord]
+    cells: list[_TuneCell]
+
+
 class _Manifest(BaseModel):
     label: str
     command: str
     methods: list[str]
     orders: list[str]
-    cells: list[_ManifestCell] = Field(min_length=1)
+    cells: list[_ManifestCell]
+    selection: _Selection | None = None
+
+    @model_validator(mode="after")
+    def _some_cell(self) -> _Manifest:
+        if not self.cells and not (self.selection and self.selection.cells):
+            raise ValueError("no cell")
+        return self
 
 
 def read_manifest(output: Path) -> dict[str, Any]:
@@ -466,6 +893,12 @@ def read_manifest(output: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: {key}: {first['msg']}; not a bench.json that loracl wrote") from exc
     for number, cell in enumerate(manifest["cells"]):
         cell["config"] = build_config(cell["config"], f"{where}: cell {number}").model_dump(mode="json")
+    if manifest["selection"] is None:
+        del manifest["selection"]
+    else:
+        for number, cell in enumerate(manifest["selection"]["cells"]):
+            config = build_config(cell["config"], f"{where}: tuning cell {number}")
+            cell["config"] = config.model_dump(mode="json")
     return manifest
 
 
@@ -542,7 +975,7 @@ def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str
         row = (
             f"| {method} | {'yes' if cls.data_free else '**no**'} | {cls.role} | "
             + " | ".join(_mean_std(spreads[k]) for k in METRICS)
-            + f" | {span} | {done}/{len(group)} |"
+            + f" | {span} | {done}/{len(group) or len(manifest['orders'])} |"  # no cell: not chosen yet
         )
         if family:
             paper = PAPER_RESULTS.get(method, {}).get(family, {}).get("AP")
@@ -575,8 +1008,14 @@ def paper_table() -> str:
     return "\n".join(lines)
 
 
+def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's cells, or while a selection has chosen nothing yet its tuning cells (for the model, the
+    benchmark and the orders the report names)."""
+    return manifest["cells"] or manifest["selection"]["cells"]
+
+
 def _orders_text(manifest: dict[str, Any]) -> str:
-    configs = {e["order"]: e["config"]["benchmark"] for e in manifest["cells"]}
+    configs = {e["order"]: e["config"]["benchmark"] for e in _entries(manifest)}
     return "\n".join(
         f"- `{order}`: {' → '.join(b['tasks'] or ORDERS.get(b['order'] or '', []))}"
         for order, b in configs.items()
@@ -584,9 +1023,13 @@ def _orders_text(manifest: dict[str, Any]) -> str:
 
 
 def bench_markdown(
-    manifest: dict[str, Any], cells: list[CellResult], family: str | None, output: Path | None = None
+    manifest: dict[str, Any],
+    cells: list[CellResult],
+    family: str | None,
+    output: Path | None = None,
+    tuning: Sequence[CellResult] = (),
 ) -> str:
-    base = manifest["cells"][0]["config"]
+    base = _entries(manifest)[0]["config"]
     ok = [c for c in cells if c.status == "ok"]
     devices = sorted({c.results.get("device", "?") for c in ok}) or ["n/a"]
     paper_note = (
@@ -618,7 +1061,7 @@ of a finished task is kept; role `upper_bound` / `reference` are comparison poin
 {ranking_line(manifest, cells)}
 
 {statistics_section(manifest, cells, output)}
-
+{selection_section(manifest, tuning)}
 ## Every cell (method × order)
 
 {cells_table(cells)}
@@ -694,6 +1137,55 @@ def _comparison_row(first: str, second: str, complete: dict[str, list[list[list[
     return f"| {first} − {second} | {diff.value:+.1f} | {diff.low:+.1f} – {diff.high:+.1f} | {verdict} |"
 
 
+def selection_section(manifest: dict[str, Any], tuning: Sequence[CellResult]) -> str:
+    """bench.md's account of --tune: every candidate's validation AP per order and mean, the choice marked,
+    and per method the tuned keys it sets itself or does not have."""
+    selection = manifest.get("selection")
+    if not selection:
+        return ""
+    orders = manifest["orders"]
+    state = {(c.method, c.candidate, c.order): c for c in tuning}
+    defaulted = " (the default of --tune: the config held none)" if selection["fraction_defaulted"] else ""
+    lines = [
+        "",
+        "## Selection on validation",
+        "",
+        f"Tuned: {', '.join(f'`--tune {t}`' for t in selection['tune'])}. Every candidate config of a method "
+        "ran on every order with evaluation on a **validation** split carved from the training data "
+        f"(`benchmark.validation_fraction` = {selection['validation_fraction']:g} of each task's training "
+        f"examples{defaulted}; the final runs leave the same examples out of their training). Per method the "
+        "candidate with the best mean validation AP over the orders was chosen (a tie: the one listed first) "
+        "and run on test: the cells above. **Test data was never read during selection**: the tuning runs "
+        f"(`{TUNE_DIR}/<method>/<candidate>/<order>/`, `eval.split: validation`) open no test file, and the "
+        "final cells are planned, their test data read, only after the choice.",
+        "",
+        "| method | candidate | " + " | ".join(f"{o} (validation AP)" for o in orders) + " | mean | chosen |",
+        "|---" * (len(orders) + 4) + "|",
+    ]
+    notes = []
+    for record in selection["methods"]:
+        method = record["method"]
+        for candidate in record["candidates"]:
+            scores = []
+            for order in orders:
+                score = candidate["scores"].get(order)
+                cell = state.get((method, candidate["text"], order))
+                scores.append(_fmt(score) if score is not None else cell.status if cell else "missing")
+            mark = "**chosen**" if candidate["text"] == record["chosen"] else ""
+            text = candidate["text"].replace("|", "/")
+            lines.append(f"| {method} | {text} | {' | '.join(scores)} | {_fmt(candidate['mean'])} | {mark} |")
+        said = [f"{key} is set in --methods ({value!r}), which wins over --tune" for key, value in
+                record["fixed"].items()]  # fmt: skip
+        said += [f"{key} is not one of its options" for key in record["skipped"]]
+        if not record["candidates"]:
+            said.append(f"not tuned: {record['note']}")
+        elif record["chosen"] is None:
+            said.append(f"no choice: {record['note']}; its test cells did not run")
+        if said:
+            notes.append(f"- `{method}`: {'; '.join(said)}.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
 def write_csv(cells: list[CellResult], path: Path) -> None:
     columns = ["method", "order", "status", *METRICS, "data_free", "role", "tasks", "train_seconds",
                "wall_seconds", "final_adapter_bytes", "error"]
@@ -745,14 +1237,19 @@ def plot_bench(manifest: dict[str, Any], cells: list[CellResult], family: str | 
 
 
 def write_bench_report(output: str | Path) -> list[CellResult]:
-    """Read every cell of a bench directory and write bench.md, bench.csv and bench.png; returns the cells."""
+    """Read every cell of a bench directory and write bench.md, bench.csv and bench.png; returns the cells,
+    the grid's own then the tuning cells (--tune), which the table and the CSV leave to bench.md's section
+    on the selection."""
     output = Path(output)
     manifest = read_manifest(output)
     cells = [read_cell(output, entry) for entry in manifest["cells"]]
-    family = paper_family(manifest["orders"], manifest["cells"][0]["config"]["benchmark"]["name"])
-    (output / "bench.md").write_text(bench_markdown(manifest, cells, family, output), encoding="utf-8")
+    tuning = [read_cell(output, entry) for entry in manifest.get("selection", {}).get("cells", [])]
+    family = paper_family(manifest["orders"], _entries(manifest)[0]["config"]["benchmark"]["name"])
+    text = bench_markdown(manifest, cells, family, output, tuning)
+    (output / "bench.md").write_text(text, encoding="utf-8")
     write_csv(cells, output / "bench.csv")
     plot_bench(manifest, cells, family, output / "bench.png")
     done = sum(c.status == "ok" for c in cells)
-    print(f"{done}/{len(cells)} cells finished; table: {output / 'bench.md'}")
-    return cells
+    tuned = f", {sum(c.status == 'ok' for c in tuning)}/{len(tuning)} tuning cells" if tuning else ""
+    print(f"{done}/{len(cells)} cells finished{tuned}; table: {output / 'bench.md'}")
+    return cells + tuning

@@ -14,6 +14,7 @@ its share of the data (see loracl.engine.distributed); only the main process wri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -49,7 +50,7 @@ from loracl.methods import ContinualMethod, create_method
 from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model
 from loracl.models.lora import check_lora_targets
-from loracl.outputs.provenance import model_card, provenance
+from loracl.outputs.provenance import data_files, model_card, provenance
 from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
 from loracl.outputs.show import PREDICTIONS  # in tasks/<i>-<task>/: the evaluation after task i
 from loracl.recipes.checkpoint import (
@@ -65,6 +66,7 @@ from loracl.recipes.checkpoint import FORMAT as CHECKPOINT_FORMAT
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
 # picks which entries of the accuracy matrix are evaluated, not what they score).
 HARMLESS_KEYS = ("output_dir", "model.cache_dir", "eval.matrix")
+DATA_SUFFIXES = (".json", ".jsonl")  # the files of a task folder provenance() hashes
 
 
 def say(*args: Any) -> None:
@@ -155,6 +157,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def result_relevant_config(config: RunConfig) -> str:
     """The config less the harmless keys, as canonical JSON: what a checkpoint's config hash covers."""
     flat = _flatten(config.model_dump(mode="json"))
+    if flat.get("eval.split") == "test":  # added later: at its default, the hash of older checkpoints holds
+        del flat["eval.split"]
     return json.dumps({k: v for k, v in flat.items() if k not in HARMLESS_KEYS}, sort_keys=True)
 
 
@@ -269,6 +273,9 @@ class ContinualRun:
             "model": c.model.name,
             "benchmark": c.benchmark.name,
             "order": None if c.benchmark.tasks else c.benchmark.order or default_order(c.benchmark.name),
+            # The examples every score is over: "test", or "validation" (carved from train; no test file
+            # was opened, `per_task` counts them as eval_examples).
+            "eval_split": c.eval.split,
             "tasks": [t.name for t in self.tasks],
             "task_metrics": [self.evaluator.metric_of(t) for t in self.tasks],  # what each column scores
             "matrix": [],
@@ -283,7 +290,7 @@ class ContinualRun:
             "base_dtype": str(self.loaded.model.dtype).removeprefix("torch."),  # what `export --merge` saves
             "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
             "loracl_version": __version__,
-            "provenance": provenance(self.tasks, str(next(self.model.parameters()).device)),
+            "provenance": run_provenance(self.tasks, str(next(self.model.parameters()).device), c.eval.split),
             "config": c.model_dump(mode="json"),
             "resumed_after": [],  # finished tasks at each --resume of this run
             "complete": False,
@@ -312,16 +319,16 @@ class ContinualRun:
         return scores, time.perf_counter() - start
 
     def write_predictions(self, folder: Path) -> None:
-        """predictions.jsonl in a training step's folder: every test example of every task the evaluation
-        after that step scored (task, id, prediction, references, score, metric), to see what was missed
-        (`loracl show`)."""
+        """predictions.jsonl in a training step's folder: every test example (validation example, with
+        eval.split=validation) of every task the evaluation after that step scored (task, id, prediction,
+        references, score, metric), to see what was missed (`loracl show`)."""
         records = [
             {"task": task.name, "id": k, "prediction": prediction, "references": list(example.answers),
              "score": value, "metric": self.evaluator.metric_of(task)}
             for j, outcome in sorted(self.outcomes.items())
             for task in [self.tasks[j]]
             for k, (example, prediction, value) in enumerate(
-                zip(task.test, outcome.predictions, outcome.example_scores, strict=True)
+                zip(self.evaluator.examples(task), outcome.predictions, outcome.example_scores, strict=True)
             )
         ]  # fmt: skip
         distributed.on_main(lambda: write_jsonl_atomic(records, folder / PREDICTIONS))
@@ -421,7 +428,8 @@ class ContinualRun:
         else:
             scores, eval_seconds = list(self.results["matrix"][-1]), 0.0
         self.results["matrix"].append(scores)
-        self.record(f"[{index}/{T}]", task.name, len(task.train), len(task.test), stats, scores, eval_seconds)
+        evaluated = len(self.evaluator.examples(task))
+        self.record(f"[{index}/{T}]", task.name, len(task.train), evaluated, stats, scores, eval_seconds)
 
     def learn_jointly(self) -> None:
         """`joint_training`: one training on the shuffled union of all tasks' training data, then one
@@ -435,15 +443,15 @@ class ContinualRun:
         scores, eval_seconds = self.evaluate_all("eval after joint training")
         self.write_predictions(ctx.task_dir)
         self.results["matrix"] = [list(scores) for _ in self.tasks]
-        tests = sum(len(t.test) for t in self.tasks)
-        self.record("[joint]", f"joint ({names})", len(union), tests, stats, scores, eval_seconds)
+        evaluated = sum(len(self.evaluator.examples(t)) for t in self.tasks)
+        self.record("[joint]", f"joint ({names})", len(union), evaluated, stats, scores, eval_seconds)
 
     def record(
         self,
         step: str,
         name: str,
         train_examples: int,
-        test_examples: int,
+        eval_examples: int,
         stats: TrainStats | None,
         scores: list[float],
         eval_seconds: float,
@@ -459,7 +467,8 @@ class ContinualRun:
             {
                 "task": name,
                 "train_examples": train_examples,
-                "test_examples": test_examples,
+                "test_examples": eval_examples if self.config.eval.split == "test" else 0,
+                "eval_examples": eval_examples,  # of the split results.json's eval_split names
                 "train_steps": stats.steps if stats else 0,
                 "train_tokens": stats.tokens if stats else 0,
                 "train_seconds": train_seconds,
@@ -555,15 +564,35 @@ class ContinualRun:
 def zero_shot_key(config: RunConfig, tasks: list[Task]) -> str:
     """Digest of what the base model's scores depend on: the model, the tasks and their caps, the prompt
     length and the evaluation settings (never the method, LoRA or optimiser settings)."""
+    split = config.eval.split
+    # eval.split at its default, test, is left out: the keys of caches written before it existed hold
+    left_out = {"matrix"} | ({"split"} if split == "test" else set())
     relevant = {
         "model": config.model.model_dump(mode="json", exclude={"cache_dir"}),
         "benchmark": config.benchmark.model_dump(mode="json"),
-        "eval": config.eval.model_dump(mode="json", exclude={"matrix"}),
+        "eval": config.eval.model_dump(mode="json", exclude=left_out),
         "max_length": config.train.max_length,
         "seed": config.train.seed,  # picks the capped examples
-        "tasks": [(t.name, len(t.test)) for t in tasks],
+        "tasks": [(t.name, len(t.validation if split == "validation" else t.test)) for t in tasks],
     }
     return config_hash(json.dumps(relevant, sort_keys=True))
+
+
+def run_provenance(tasks: list[Task], device: str, split: str) -> dict[str, Any]:
+    """provenance() of the run; with eval.split=validation the data files hashed are those the run read: a
+    task folder's files but its test split (`test.json` / `test.jsonl`), which is never opened."""
+    if split == "test":
+        return provenance(tasks, device)
+    read = [
+        dataclasses.replace(task, source=str(path))  # a file as a task's source: only that file is hashed
+        for task in tasks
+        for path in (
+            sorted(p for p in Path(task.source).iterdir() if p.suffix in DATA_SUFFIXES and p.stem != "test")
+            if Path(task.source).is_dir()
+            else [Path(task.source)]
+        )
+    ]
+    return {**provenance([], device), "data_files": data_files(read)}
 
 
 def read_zero_shot(path: Path, tasks: list[Task]) -> list[float] | None:
