@@ -170,6 +170,18 @@ def test_results_record_adapter_growth(finished):
     assert [t["stored_adapters"] for t in results["per_task"]] == counts
 
 
+def test_gainlora_reports_its_newest_gate_on_its_own_and_on_old_tasks(finished):
+    """The gate values come from the runner's evaluations (the `evaluating` hook): after task 2, g_2 on
+    task 1's test prompts; after task 1 there is no old task."""
+    name, _, results, _, _ = finished
+    if name != "gainlora":
+        pytest.skip("gainlora only")
+    first, second = (t["method_info"] for t in results["per_task"])
+    assert first["gate_old_mean"] is None and first["gate_own_mean"] > 0
+    assert 0 <= second["gate_old_mean"] <= second["gate_old_max"] <= 1
+    assert second["gate_own_mean"] > 0 and second["basis_dims_per_layer"]
+
+
 def test_exported_adapter_loads_and_reproduces_the_run(finished):
     name, config, results, out, model = finished
     base, tokenizer = tiny_random_llama()

@@ -6,7 +6,9 @@ with `eval.split: validation` its validation split (carved from train; the test 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -124,10 +126,20 @@ class Evaluator:
         return TaskResult(100.0 * sum(scores) / len(scores), predictions, scores)
 
     def evaluate_tasks(
-        self, model: torch.nn.Module, tasks: Sequence[Task], description: str
+        self,
+        model: torch.nn.Module,
+        tasks: Sequence[Task],
+        description: str,
+        around: Callable[[int], AbstractContextManager] | None = None,
     ) -> list[TaskResult]:
+        """Results per task; `around(k)`, when given, is entered around the evaluation of tasks[k] (a
+        method measuring something on each task's prompts)."""
         model.eval()
-        return [self.evaluate(model, task) for task in progress(tasks, desc=description, unit="task")]
+        results = []
+        for k, task in enumerate(progress(tasks, desc=description, unit="task")):
+            with around(k) if around else contextlib.nullcontext():
+                results.append(self.evaluate(model, task))
+        return results
 
     def evaluate_all(self, model: torch.nn.Module, tasks: Sequence[Task], description: str) -> list[float]:
         return [result.score for result in self.evaluate_tasks(model, tasks, description)]

@@ -72,10 +72,12 @@ def _cell(value: Any) -> str:
 
 
 def method_info_table(per_task: list[dict[str, Any]]) -> str:
-    """One row per training step, one column per key any step's `method_info` has; empty if none has any."""
+    """One row per training step, one column per key any step's `method_info` has; empty if none has any.
+    Values that are containers (e.g. basis sizes per layer) stay in results.json, out of the table."""
     keys: list[str] = []
     for t in per_task:
-        keys.extend(k for k in t.get("method_info", {}) if k not in keys)
+        info = t.get("method_info", {})
+        keys.extend(k for k, v in info.items() if k not in keys and not isinstance(v, dict | list))
     if not keys:
         return ""
     lines = ["| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -311,7 +311,12 @@ class ContinualRun:
         seconds it took."""
         start = time.perf_counter()
         chosen = list(range(len(self.tasks))) if wanted is None else sorted(wanted)
-        found = self.evaluator.evaluate_tasks(self.model, [self.tasks[j] for j in chosen], description)
+        found = self.evaluator.evaluate_tasks(
+            self.model,
+            [self.tasks[j] for j in chosen],
+            description,
+            around=lambda k: self.method.evaluating(self.model, chosen[k]),
+        )
         self.outcomes = dict(zip(chosen, found, strict=True))
         scores: list[float | None] = [None] * len(self.tasks)
         for j, outcome in self.outcomes.items():
