@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from loracl.data.formats import (
-    _JSONL_FIELDS,
-    _OLORA_FIELDS,
-    _PROMPT_ANSWER,
-    EXACT_MATCH,
-    ROUGE_L,
     TRACE_METRICS,
     Example,
-    Items,
     Task,
-    _Fields,
-    _find_olora_task,
-    _json_list_items,
-    _jsonl_items,
-    _parse_split,
-    _superni_examples,
-    _superni_labels,
-    _task_name,
     load_cl_benchmark_task,
     load_jsonl_task,
     load_olora_task,
     load_superni_task,
     load_superni_task_dir,
     load_trace_task,
-    olora_prompt,
-    read_labels,
-    trace_metric,
 )
 from loracl.data.paths import default_data_root, find_named, require_dir, subdirs
 from loracl.errors import DataError
@@ -198,82 +179,23 @@ def _superni_path(root: Path, name: str) -> Path:
     return find_named(name, sources, root, "SuperNI task", aliases)
 
 
-def _load_superni(root: Path, name: str) -> Task:
+def _load_superni(root: Path, name: str, with_test: bool) -> Task:
     path = _superni_path(root, name)
-    return load_superni_task_dir(path) if path.is_dir() else load_superni_task(path)
+    if path.is_dir():
+        return load_superni_task_dir(path, with_test=with_test)
+    return load_superni_task(path, with_test=with_test)
 
 
-def _load_task(benchmark: str, root: Path, name: str) -> Task:
+def _load_task(benchmark: str, root: Path, name: str, with_test: bool = True) -> Task:
+    """Task `name` of a benchmark folder; without `with_test` no test file is opened (eval.split:
+    validation) and the task's test split is empty."""
     if benchmark == "olora":
-        return load_olora_task(root, name)
+        return load_olora_task(root, name, with_test=with_test)
     if benchmark == "superni":
-        return _load_superni(root, name)
+        return _load_superni(root, name, with_test)
     task_dir = find_named(name, [(d.name, d) for d in subdirs(root)], root, "task")
     loaders = {"cl_benchmark": load_cl_benchmark_task, "trace": load_trace_task, "jsonl": load_jsonl_task}
-    return loaders[benchmark](task_dir)
-
-
-# -- loading without the test split (eval.split: validation) ------------------------------------------------
-# The same tasks as _load_task gives, but the test file of a task folder is never opened: a run that selects
-# hyper-parameters on validation cannot have seen test data. Test is left empty. A SuperNI task *file* holds
-# every instance in one file, so there the test instances are read with it and dropped at once. SuperNI's
-# label set (which only bounds the generation) then comes from the training instances alone.
-
-
-def _train_split(
-    task_dir: Path,
-    suffix: str,
-    read_items: Callable[[Path], Items],
-    fields: _Fields,
-    labels: list[str] | None,
-    make_prompt: Callable[[str], str] = str,
-) -> list[Example]:
-    """`train<suffix>` of a task folder, read and checked as the loaders of formats.py read it."""
-    path = _train_path(task_dir, suffix)
-    return _parse_split(read_items(path), path, fields, labels, make_prompt)
-
-
-def _train_path(task_dir: Path, suffix: str) -> Path:
-    path = task_dir / f"train{suffix}"
-    if not os.path.lexists(path):  # a dangling link is left to the reader, which names it as such
-        raise DataError(f"{path}: file not found; task '{task_dir.name}' has no train split")
-    return path
-
-
-def _load_task_without_test(benchmark: str, root: Path, name: str) -> Task:
-    if benchmark == "superni":
-        path = _superni_path(root, name)
-        if path.is_file():
-            task = load_superni_task(path)
-            return dataclasses.replace(task, test=[], labels=_superni_labels(task.train))
-        train = _superni_examples(_train_path(path, ".json"))
-        return Task(_task_name(path), train, [], [], _superni_labels(train), ROUGE_L, str(path))
-    if benchmark == "olora":
-        task_dir = _find_olora_task(root, name)
-        labels = read_labels(task_dir / "labels.json")
-        category = task_dir.parent.name
-
-        def make_prompt(sentence: str) -> str:
-            return olora_prompt(category, labels, sentence)
-
-        train = _train_split(task_dir, ".json", _json_list_items, _OLORA_FIELDS, labels, make_prompt)
-        return Task(_task_name(task_dir), train, [], [], labels, EXACT_MATCH, str(task_dir))
-    task_dir = find_named(name, [(d.name, d) for d in subdirs(root)], root, "task")
-    task_dir = require_dir(task_dir, "task folder")
-    if benchmark == "cl_benchmark":
-        labels = read_labels(task_dir / "labels.json")
-        train = _train_split(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, labels)
-        return Task(_task_name(task_dir), train, [], [], labels, EXACT_MATCH, str(task_dir))
-    if benchmark == "trace":
-        task_name = _task_name(task_dir)
-        metric = trace_metric(task_name, task_dir)
-        train = _train_split(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, None)
-        return Task(task_name, train, [], [], None, metric, str(task_dir))
-    labels_path = task_dir / "labels.json"  # jsonl: a user's task folder, as load_jsonl_task reads it
-    labels = read_labels(labels_path) if labels_path.exists() or labels_path.is_symlink() else None
-    train = _train_split(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels)
-    metric = EXACT_MATCH if labels is not None else ROUGE_L
-    return Task(_task_name(task_dir), train, [], [], labels, metric, str(task_dir))
+    return loaders[benchmark](task_dir, with_test=with_test)
 
 
 def _rng(seed: int, task: str, purpose: str) -> random.Random:
@@ -350,8 +272,7 @@ def load_benchmark(
     _check_settings(max_train, max_test, validation_fraction)
     root = _data_dir(name, data_dir)
     names = _task_names(name, root, order, tasks)
-    load = _load_task if split == "test" else _load_task_without_test
-    loaded = [load(name, root, task) for task in names]
+    loaded = [_load_task(name, root, task, with_test=split == "test") for task in names]
     # Aliases (task833 and its full name) resolve to one source: reject them too.
     _check_unique([(task, loaded_task.source) for task, loaded_task in zip(names, loaded, strict=True)])
     return [_prepare(task, max_train, max_test, validation_fraction, seed, split) for task in loaded]

@@ -201,11 +201,12 @@ def _warn_unknown_answers(examples: list[Example], labels: Sequence[str], path: 
         warnings.warn(message, stacklevel=2)
 
 
-def _split_paths(task_dir: Path, suffix: str) -> tuple[Path, Path]:
-    """`train<suffix>` and `test<suffix>` of a task folder; a missing one is named with its task, since some
-    upstream releases ship a task without its train file."""
-    paths = (task_dir / f"train{suffix}", task_dir / f"test{suffix}")
-    for split, path in zip(("train", "test"), paths, strict=True):
+def _split_paths(task_dir: Path, suffix: str, with_test: bool = True) -> list[Path]:
+    """`train<suffix>` and (with_test) `test<suffix>` of a task folder; a missing one is named with its task,
+    since some upstream releases ship a task without its train file."""
+    splits = ("train", "test") if with_test else ("train",)
+    paths = [task_dir / f"{split}{suffix}" for split in splits]
+    for split, path in zip(splits, paths, strict=True):
         if not os.path.lexists(path):  # a dangling link is left to the reader, which names it as such
             raise DataError(f"{path}: file not found; task '{task_dir.name}' has no {split} split")
     return paths
@@ -218,11 +219,13 @@ def _read_splits(
     fields: _Fields,
     labels: Sequence[str] | None,
     make_prompt: Callable[[str], str] = str,
+    with_test: bool = True,
 ) -> tuple[list[Example], list[Example]]:
-    """The train and test splits of a task folder (`train<suffix>`, `test<suffix>`)."""
-    paths = _split_paths(task_dir, suffix)
-    train, test = (_parse_split(read_items(p), p, fields, labels, make_prompt) for p in paths)
-    return train, test
+    """The train and test splits of a task folder (`train<suffix>`, `test<suffix>`); without `with_test` the
+    test file is never opened (a run selecting on validation must not see test data) and test is empty."""
+    paths = _split_paths(task_dir, suffix, with_test)
+    train, *test = (_parse_split(read_items(p), p, fields, labels, make_prompt) for p in paths)
+    return train, test[0] if test else []
 
 
 def _task_name(path: Path, name: str | None = None) -> str:
@@ -247,11 +250,13 @@ def read_labels(path: Path) -> list[str]:
 # --- cl_benchmark: <dir>/<Task>/{train,test,labels}.json with ready-made prompts -------------------------
 
 
-def load_cl_benchmark_task(task_dir: Path) -> Task:
+def load_cl_benchmark_task(task_dir: Path, *, with_test: bool = True) -> Task:
     """One task of the shared `cl_benchmark` layout (prompts already hold instruction and options)."""
     task_dir = require_dir(Path(task_dir), "task folder")
     labels = read_labels(task_dir / "labels.json")
-    train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, labels)
+    train, test = _read_splits(
+        task_dir, ".json", _json_list_items, _PROMPT_ANSWER, labels, with_test=with_test
+    )
     return Task(_task_name(task_dir), train, test, [], labels, EXACT_MATCH, str(task_dir))
 
 
@@ -292,7 +297,7 @@ def _find_olora_task(root: Path, name: str) -> Path:
     return find_named(name, candidates, root, "O-LoRA task")
 
 
-def load_olora_task(root: Path, name: str) -> Task:
+def load_olora_task(root: Path, name: str, *, with_test: bool = True) -> Task:
     """Task `name` of an upstream O-LoRA `CL_Benchmark` folder, searched in every category folder.
 
     dev.json is ignored: upstream it repeats test.json; validation is carved from train instead.
@@ -304,7 +309,9 @@ def load_olora_task(root: Path, name: str) -> Task:
     def make_prompt(sentence: str) -> str:
         return olora_prompt(category, labels, sentence)
 
-    train, test = _read_splits(task_dir, ".json", _json_list_items, _OLORA_FIELDS, labels, make_prompt)
+    train, test = _read_splits(
+        task_dir, ".json", _json_list_items, _OLORA_FIELDS, labels, make_prompt, with_test=with_test
+    )
     return Task(_task_name(task_dir), train, test, [], labels, EXACT_MATCH, str(task_dir))
 
 
@@ -369,20 +376,22 @@ def _superni_task(name: str, train: list[Example], test: list[Example], source: 
     return Task(name, train, test, [], _superni_labels(train + test), ROUGE_L, str(source))
 
 
-def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0) -> Task:
-    """A Super-NaturalInstructions task file, split deterministically into train and test."""
+def load_superni_task(path: Path, *, test_size: int = 100, seed: int = 0, with_test: bool = True) -> Task:
+    """A Super-NaturalInstructions task file, split deterministically into train and test. The file holds
+    every instance: without `with_test` the test part is read with it, dropped at once, and the label set
+    (which only bounds the generation) comes from train alone."""
     path = Path(path)
     train, test = _split_test(_superni_examples(path), test_size, seed, path)
-    return _superni_task(_task_name(path, path.stem), train, test, path)
+    return _superni_task(_task_name(path, path.stem), train, test if with_test else [], path)
 
 
-def load_superni_task_dir(task_dir: Path) -> Task:
+def load_superni_task_dir(task_dir: Path, *, with_test: bool = True) -> Task:
     """A SuperNI task folder as GainLoRA and O-LoRA distribute them, `{train,dev,test}.json`, each a task
     object. The official test split is kept as it is. dev.json is never read: upstream it may be the test
     split itself, so selecting on it would select on test; validation is carved from train instead."""
     task_dir = require_dir(Path(task_dir), "task folder")
-    train, test = (_superni_examples(path) for path in _split_paths(task_dir, ".json"))
-    return _superni_task(_task_name(task_dir), train, test, task_dir)
+    train, *test = (_superni_examples(path) for path in _split_paths(task_dir, ".json", with_test))
+    return _superni_task(_task_name(task_dir), train, test[0] if test else [], task_dir)
 
 
 # --- trace: TRACE's LLM-CL-Benchmark, <dir>/<Task>/{train,eval,test}.json with ready-made prompts ----------
@@ -400,28 +409,28 @@ def trace_metric(name: str, where: Path) -> str:
     )
 
 
-def load_trace_task(task_dir: Path) -> Task:
+def load_trace_task(task_dir: Path, *, with_test: bool = True) -> Task:
     """One task of TRACE: train.json and test.json, lists of `{"prompt", "answer"}`. eval.json is not read
     (validation is carved from train, as for every benchmark). No label set: TRACE scores the generation with
     its own metric per task, and some tasks ship no labels.json."""
     task_dir = require_dir(Path(task_dir), "task folder")
     name = _task_name(task_dir)
     metric = trace_metric(name, task_dir)  # before reading: a folder of other tasks fails at once
-    train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, None)
+    train, test = _read_splits(task_dir, ".json", _json_list_items, _PROMPT_ANSWER, None, with_test=with_test)
     return Task(name, train, test, [], None, metric, str(task_dir))
 
 
 # --- jsonl: a user's own tasks, <dir>/<task>/{train,test}.jsonl [+ labels.json] ----------------------------
 
 
-def load_jsonl_task(task_dir: Path) -> Task:
+def load_jsonl_task(task_dir: Path, *, with_test: bool = True) -> Task:
     """A user's task folder; exact match when it has labels.json (a closed label set), else ROUGE-L."""
     task_dir = require_dir(Path(task_dir), "task folder")
     labels_path = task_dir / "labels.json"
     # A dangling link named labels.json is reported rather than silently turning the task into ROUGE-L.
     has_labels = labels_path.exists() or labels_path.is_symlink()
     labels = read_labels(labels_path) if has_labels else None
-    train, test = _read_splits(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels)
+    train, test = _read_splits(task_dir, ".jsonl", _jsonl_items, _JSONL_FIELDS, labels, with_test=with_test)
     metric = EXACT_MATCH if labels is not None else ROUGE_L
     return Task(_task_name(task_dir), train, test, [], labels, metric, str(task_dir))
 
