@@ -7,14 +7,17 @@ import time
 import pytest
 import torch
 
-from loracl.errors import ModelError
+from loracl.config import load_config
+from loracl.errors import ConfigError, ModelError
 from loracl.models.base_model import (
     _publish_conversion,
     byte_tokenizer,
     load_model,
+    loading_options,
     resolve_device,
     resolve_dtype,
     smollm2_gguf_path,
+    tiny_random_llama,
 )
 
 
@@ -41,6 +44,61 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_an_unknown_dtype_is_one_line():
+    with pytest.raises(ModelError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8", torch.device("cpu"))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.dtype=float8"])
+    assert "model.dtype" in str(err.value) and "\n" not in str(err.value)
+
+
+def saved_tiny_llama(folder, dtype: torch.dtype) -> str:
+    model, tokenizer = tiny_random_llama()
+    model.to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("saved", [torch.float32, torch.bfloat16])
+def test_pretrained_weights_load_in_the_target_dtype_as_the_float32_cast_did(saved, tmp_path):
+    """Loading straight in the target dtype gives exactly what loading in float32 and casting gave, weights
+    and buffers alike (the rotary inv_freq too), for every dtype."""
+    from transformers import AutoModelForCausalLM
+
+    folder = saved_tiny_llama(tmp_path, saved)
+    for dtype in ("auto", "float32", "bfloat16", "float16"):
+        target = resolve_dtype(dtype, torch.device("cpu"))
+        new = load_model(folder, dtype=dtype, device="cpu").model
+        old = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dtype=target)
+        assert new.dtype == target and not new.training
+        new_state = dict(new.named_parameters()) | dict(new.named_buffers())
+        old_state = dict(old.named_parameters()) | dict(old.named_buffers())
+        assert new_state.keys() == old_state.keys()
+        for name, tensor in old_state.items():
+            got = new_state[name]
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), (dtype, name)
+
+
+def test_pretrained_weights_are_read_in_the_target_dtype(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """No float32 copy: from_pretrained is asked for the target dtype itself (device_map off the CPU)."""
+    from loracl.models import base_model
+
+    folder = saved_tiny_llama(tmp_path, torch.bfloat16)
+    asked = []
+    real = base_model.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base_model.AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(folder, dtype="bfloat16", device="cpu")
+    assert asked[-1]["dtype"] == torch.bfloat16 and asked[-1]["low_cpu_mem_usage"] is True
+    assert "device_map" not in asked[-1]
+    on_gpu = loading_options(torch.bfloat16, torch.device("cuda", 1))
+    assert on_gpu["device_map"] == {"": torch.device("cuda", 1)} and on_gpu["dtype"] == torch.bfloat16
 
 
 def test_missing_model_and_gguf_are_clear_errors(tmp_path):

@@ -2,10 +2,16 @@
 
 Loss: causal-LM cross-entropy on the answer tokens only (prompt tokens masked). The LM head is applied only
 at the answer positions, which saves the vocabulary projection of every prompt token.
+
+With `train.gradient_checkpointing` the decoder layers keep only their inputs in the forward pass and run
+again in the backward pass (transformers' activation checkpointing, non-reentrant), for every method alike.
+The backward pass therefore runs inside the method's `step_context` too: the forward hooks of a method inside
+the layers (GainLoRA's gate scaling) run again then, and must find what the step's forward found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -25,7 +31,7 @@ from loracl.data.text import Encoded
 from loracl.engine import distributed
 from loracl.engine.interrupt import check_interrupt
 from loracl.engine.progress import progress
-from loracl.errors import LoraclError
+from loracl.errors import ConfigError, LoraclError
 
 IGNORE = -100
 
@@ -82,10 +88,13 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     decoder, head = base.get_decoder(), base.get_output_embeddings()
+    # use_cache=False: a KV cache is of no use to a loss, and its writes could not be replayed when the layers
+    # run again under gradient checkpointing
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if decoder is None or head is None:  # architectures without the split: full logits
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits[mask].float(), targets[mask])
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(**inputs).last_hidden_state
     logits = head(hidden[:, :-1][mask])
     return F.cross_entropy(logits.float(), targets[mask])
 
@@ -95,21 +104,34 @@ def answer_tokens(examples: Sequence[Encoded]) -> int:
     return sum(len(e.input_ids) - max(e.prompt_len, 1) for e in examples)
 
 
-def share_loss(
+@contextlib.contextmanager
+def step_losses(
     model: torch.nn.Module, method, examples: Sequence[Encoded], global_tokens: int, pad_id: int, device
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """This process's part of one step's loss: (task loss of its share weighted by its fraction of the
     global batch's answer tokens, extra loss / world size), so that summing over processes gives the
-    one-process loss, and summing gradients the one-process gradient. None where there is nothing."""
-    task = extra = None
+    one-process loss, and summing gradients the one-process gradient. None where there is nothing.
+
+    Yielded while the method's `step_context` is still open, so that the backward pass runs inside it too
+    (gradient checkpointing runs the layers' forwards, and the method's hooks in them, again there)."""
+    world = distributed.world_size()
     if examples:
         batch = collate(examples, pad_id, device)
         with method.step_context(model, batch):
             task = answer_loss(model, batch) * (answer_tokens(examples) / max(global_tokens, 1))
             extra = method.extra_loss(model, batch)
+            yield task, None if extra is None else extra / world
     else:  # more processes than examples in this step: only the parameter-only penalty is left
         extra = method.extra_loss(model, None)
-    return task, None if extra is None else extra / distributed.world_size()
+        yield None, None if extra is None else extra / world
+
+
+def share_loss(
+    model: torch.nn.Module, method, examples: Sequence[Encoded], global_tokens: int, pad_id: int, device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`step_losses` for a caller that takes no backward pass inside the method's step context."""
+    with step_losses(model, method, examples, global_tokens, pad_id, device) as losses:
+        return losses
 
 
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
@@ -153,6 +175,42 @@ def gradient_norm(params: Sequence[torch.nn.Parameter], max_norm: float | None) 
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def _checkpointing_active(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Activation ("gradient") checkpointing of the model's decoder layers inside the block, when `enabled`
+    and not already on; off again after. Non-reentrant checkpointing (`use_reentrant=False`): gradients reach
+    the LoRA weights of every layer, and tensors a forward hook brings into a layer (GainLoRA's gates),
+    without the embeddings' outputs having to require grad (PEFT's `enable_input_require_grads` is only
+    needed by reentrant checkpointing); dropout draws the same masks when a layer runs again (the RNG state
+    is kept). transformers applies it in training mode only: evaluation and statistics passes (eval mode)
+    run each layer once, as without it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled or _checkpointing_active(base):
+        yield
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.gradient_checkpointing: the model ({type(base).__name__}) does not support it; set it to "
+            "false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name warns there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+
+
 class NonFiniteTraining(LoraclError):
     """The loss, or the trainable weights after an update, stopped being finite: training diverged."""
 
@@ -185,7 +243,21 @@ def train_task(
     """Train the method's trainable parameters on one task's encoded examples.
 
     `cfg.batch_size` is the global batch: with several processes each takes its share of every batch
-    (after `augment_batch`, which runs on the whole batch so that every process draws the same memory)."""
+    (after `augment_batch`, which runs on the whole batch so that every process draws the same memory).
+    With `cfg.gradient_checkpointing` the model's layers are checkpointed during the training (only)."""
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        return _train(model, method, encoded, cfg, pad_id, seed, description)
+
+
+def _train(
+    model: torch.nn.Module,
+    method,
+    encoded: Sequence[Encoded],
+    cfg: TrainSection,
+    pad_id: int,
+    seed: int,
+    description: str,
+) -> TrainStats:
     device = next(model.parameters()).device
     rng = random.Random(seed)
     lengths = [len(e.input_ids) for e in encoded]
@@ -208,15 +280,14 @@ def train_task(
     for step, batch_ids in enumerate(_steps(batches, cfg.epochs, rng, reshuffle), start=1):
         check_interrupt()  # SIGINT/SIGTERM: stop here, between two steps
         examples = method.augment_batch([encoded[i] for i in batch_ids])
-        loss, extra = share_loss(
-            model, method, distributed.shard(examples), answer_tokens(examples), pad_id, device
-        )
-        parts = [t for t in (loss, extra) if t is not None]
-        loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
-        objective = distributed.sum_scalar(sum(parts).item() if parts else 0.0)  # task loss + penalty
-        check_finite(objective, f"the loss is {objective}", description, step)
-        if parts:
-            (sum(parts) / cfg.grad_accum).backward()
+        shard = distributed.shard(examples)
+        with step_losses(model, method, shard, answer_tokens(examples), pad_id, device) as (loss, extra):
+            parts = [t for t in (loss, extra) if t is not None]
+            loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
+            objective = distributed.sum_scalar(sum(parts).item() if parts else 0.0)  # task loss + penalty
+            check_finite(objective, f"the loss is {objective}", description, step)
+            if parts:
+                (sum(parts) / cfg.grad_accum).backward()
         method.after_backward(model)
         grad_norm = lr = None
         if step % cfg.grad_accum == 0 or step == micro_steps:

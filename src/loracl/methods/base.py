@@ -9,7 +9,8 @@ stands -> ... -> export at the end.
 to batch them (for statistics such as input subspaces or Fisher information).
 
 Generic hooks with do-nothing defaults, for methods that need them:
-- `step_context(model, batch)`: a context manager entered around each training step's forward passes, so a
+- `step_context(model, batch)`: a context manager entered around each training step's forward and backward
+  passes (backward too: gradient checkpointing recomputes the forward there), so a
   method can hand per-batch side information to its forward hooks (GainLoRA: the prompt mask its gates
   pool over, which the decoder call itself does not carry).
 - `evaluating(model, position)`: a context manager entered around the evaluation of the task at 0-based
@@ -127,7 +128,7 @@ class ContinualMethod:
         """Called after each backward pass, before the optimizer step (e.g. to project gradients)."""
 
     def step_context(self, model: PeftModel, batch: dict[str, torch.Tensor]) -> AbstractContextManager:
-        """Entered around the forward passes of each training step (task loss and extra_loss)."""
+        """Entered around the forward and backward passes of each training step (task loss and extra_loss)."""
         return contextlib.nullcontext()
 
     def after_optimizer_step(self, model: PeftModel) -> None:

