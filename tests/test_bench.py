@@ -287,7 +287,8 @@ def test_a_methods_config_keys_are_checked_before_anything_runs(tmp_path, no_run
 
 
 def fake_cell(out: Path, method: str, order: str, metrics: dict, role: str = "continual") -> dict:
-    config = build_config({"method": method, "benchmark": {"order": order}}).model_dump(mode="json")
+    benchmark = {"order": order} if "+" not in order else {"tasks": order.split("+")}
+    config = build_config({"method": method, "benchmark": benchmark}).model_dump(mode="json")
     path = out / method / order
     path.mkdir(parents=True)
     results = {"method": method, "complete": True, "config": config, "metrics": metrics, "role": role,
@@ -320,6 +321,10 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     assert "| mtl | **no** | upper_bound | 85.0 ± 0.0 | n/a | n/a | n/a | 85.0–85.0 | 2/3 | 80.9 |" in table
     assert "| mtl | order3 | n/a | n/a | n/a | n/a | n/a | n/a | missing |" in table
     assert "AP (paper, Llama-2-7B-chat)" in table
+    # the paper table at the end holds the family of these orders alone, as the note above it says
+    assert "## Reported in the paper" in table
+    assert "| slao | Standard CL benchmark, orders 1-3 | 80.4 |" in table
+    assert "Long Sequence" not in table and "SuperNI" not in table
     # A baseline that beats SLAO is ranked above it; mtl is an upper bound, not ranked.
     assert "Continual methods by mean AP, best first: seq_lora 90.0 > slao 80.0." in table
 
@@ -327,6 +332,24 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     cells = write_bench_report(tmp_path)
     assert [c.status for c in cells][:3] == ["ok", "ok", "stale"]  # finished with another config: not counted
     assert "| slao | yes | continual | 75.0 ± 7.1 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_report_does_not_contradict_itself(tmp_path):
+    """Orders that are no benchmark family of the paper: bench.md says there are no paper numbers and shows
+    none (no column, no table); means equal at the table's precision are one rank, `=`, not `80.0 > 80.0`."""
+    aps = {"slao": 80.04, "seq_lora": 79.96, "olora": 70.0, "inflora": 0.0, "ewc": 0.0}
+    metrics = {m: {"AP": ap, "BWT": -1.0, "FWT": None, "forgetting": 1.0} for m, ap in aps.items()}
+    entries = [fake_cell(tmp_path, m, "agnews+yelp", metrics[m]) for m in aps]
+    manifest = {"label": "ties", "command": "loracl bench ...", "methods": list(aps),
+                "orders": ["agnews+yelp"], "cells": entries}  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps(manifest))
+    write_bench_report(tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    assert "No paper numbers beside ours" in table
+    note = "No paper numbers beside ours: these orders are not a benchmark family the paper reports."
+    assert "paper" not in table.replace(note, "")
+    ranking = "slao 80.0 = seq_lora 80.0 > olora 70.0 > inflora 0.0 = ewc 0.0."
+    assert f"Continual methods by mean AP, best first: {ranking}" in table and "0.0 > 0.0" not in table
 
 
 def test_the_table_gives_intervals_and_paired_comparisons(grid):

@@ -3,8 +3,12 @@
 The bench directory:
 - `bench.json`: the grid (label, method specs, orders, the command, each cell's resolved config);
 - `<method>/<order>/`: one ordinary run directory per cell (see loracl.recipes.run), plus `bench_error.txt`
-  (the traceback) when the cell failed;
-- `bench.md`, `bench.csv`, `bench.png`: the table, one CSV row per cell, and a bar chart of AP and BWT.
+  (the traceback) when the cell failed; with `--seeds S1,S2,...` (train.seed) every cell is repeated per
+  seed in `<method>/<order>/seed-<s>/` (bench.json's `seeds` and each cell's `seed`; a grid without
+  --seeds keeps the single-folder layout, and one layout is never turned into the other in place);
+- `bench.md`, `bench.csv`, `bench.png`: the table with its bootstrap intervals and paired comparisons (from
+  the predictions each cell keeps; engine.statistics), one CSV row per cell, and a bar chart of AP, BWT and
+  forgetting per method with their intervals.
 
 A cell whose results.json is complete and holds the same resolved config is not run again, so an interrupted
 or extended grid picks up where it stopped; anything else in a cell's folder is replaced by a fresh run.
@@ -13,7 +17,9 @@ With `--tune` (hyper-parameter selection, `--select-on validation`), every candi
 first runs on every order in `tune/<method>/<candidate>/<order>/` with `eval.split: validation` (scored on
 a validation split carved from train; no test file is opened); per method the candidate with the best mean
 validation AP is chosen, and only then are the ordinary cells planned (their test data read) and run with
-the chosen config. bench.json's `selection` holds every candidate's scores and the choice.
+the chosen config. bench.json's `selection` holds every candidate's scores and the choice. With --seeds the
+tuning cells are repeated per seed too (`.../<order>/seed-<s>/`, each seed holding out its own validation
+examples, as its final runs do), and a candidate's score on an order is its mean over the seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -34,12 +41,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from loracl.config import RunConfig, build_config, load_config_data, parse_value, set_dotted
+from loracl.config import SEED_LIMIT, RunConfig, build_config, load_config_data, parse_value, set_dotted
 from loracl.data import ORDERS, load_tasks, resolve_benchmark
 from loracl.engine.metrics import is_complete
-from loracl.engine.statistics import DRAWS, ap_interval, examples_to_resolve, paired_difference
+from loracl.engine.statistics import (
+    DRAWS,
+    Interval,
+    Run,
+    examples_to_resolve,
+    interval,
+    paired_difference,
+)
 from loracl.errors import CheckpointError, ConfigError, LoraclError, RunInterrupted
 from loracl.files import UnsafeFileError, read_json_limited, read_text_limited
 from loracl.locking import LOCK_NAME, FolderBusy
@@ -70,6 +85,7 @@ ZERO_SHOT_DIR = "_zero_shot"  # cached base-model scores (method folders never s
 TUNE_DIR = "tune"  # tuning cells: tune/<method>/<candidate>/<order>/ (no method is named tune)
 SELECT_ON = ("validation",)  # what --select-on accepts: never test
 DEFAULT_VALIDATION_FRACTION = 0.1  # held out for selection when --tune is given and the config holds none
+SEED_DIR = "seed-{}"  # a cell's folder per seed, under <method>/<order>/ (--seeds)
 
 
 def _dirname(text: str) -> str:
@@ -136,6 +152,39 @@ def parse_order(text: str) -> OrderSpec:
         f"--orders: unknown order {text!r}; known: {', '.join(ORDERS)}, or task names joined by '+' "
         "(e.g. agnews+yelp)"
     )
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """--seeds: train.seed values separated by commas (None: no --seeds, each cell at the config's seed)."""
+    if text is None:
+        return None
+    seeds = []
+    for item in _split(text, "seeds"):
+        try:
+            seed = int(item)
+        except ValueError:
+            raise ConfigError(f"--seeds: {item!r} is not a whole number (e.g. --seeds 1,2,3)") from None
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"--seeds: {seed} is out of range (0 <= seed < 2**32)")
+        if seed in seeds:
+            raise ConfigError(f"--seeds: {text!r} names seed {seed} twice")
+        seeds.append(seed)
+    return seeds
+
+
+def check_seeds(seeds: list[int] | None, methods: Sequence[MethodSpec], tuned: Sequence[TunedKey]) -> None:
+    """With --seeds the bench sets train.seed of every cell: no method or --tune may set it as well."""
+    if seeds is None:
+        return
+    for spec in methods:
+        if "train.seed" in spec.settings:
+            raise ConfigError(f"--methods {spec.text}: train.seed is set by --seeds for every cell")
+    if any(t.key == "train.seed" for t in tuned):
+        raise ConfigError("--tune: train.seed is set by --seeds for every cell")
+
+
+def _cell_path(folder: Path, seed: int | None) -> Path:
+    return folder if seed is None else folder / SEED_DIR.format(seed)
 
 
 # Keys --tune may not vary: the bench sets them, or selection and final runs must share them.
@@ -244,15 +293,23 @@ class Cell:
     path: Path
     zero_shot_cache: Path | None = None  # shared by the grid: the base model is evaluated once per order
     candidate: Candidate | None = None  # a tuning cell's candidate (its config evaluates on validation)
+    seed: int | None = None  # its train.seed under --seeds (None: the config's)
+
+    @property
+    def where(self) -> str:
+        seed = "" if self.seed is None else f" seed {self.seed}"
+        return f"{self.method.text} on {self.order.text}{seed}"
 
     def config_json(self) -> dict[str, Any]:
         """The resolved config as results.json stores it (what a finished cell is compared with)."""
         return json.loads(json.dumps(self.config.model_dump(mode="json")))
 
 
-def cell_data(base: dict[str, Any], method: MethodSpec, order: OrderSpec) -> dict[str, Any]:
+def cell_data(
+    base: dict[str, Any], method: MethodSpec, order: OrderSpec, seed: int | None = None
+) -> dict[str, Any]:
     """The config mapping of one cell: the base config's method options, then the spec's own options and
-    config keys, on top."""
+    config keys, on top; `seed` (--seeds) as train.seed."""
     data = json.loads(json.dumps(base))  # deep copy of plain YAML data
     section = data.get("method")
     shared = {k: v for k, v in section.items() if k != "name"} if isinstance(section, dict) else {}
@@ -263,25 +320,33 @@ def cell_data(base: dict[str, Any], method: MethodSpec, order: OrderSpec) -> dic
     bench["order"] = order.order
     bench["tasks"] = list(order.tasks) if order.tasks else None
     data["output_dir"] = None  # the bench decides where each cell goes
+    if seed is not None:
+        set_dotted(data, "train.seed", seed, "--seeds")
     return data
 
 
 def plan_grid(
-    base: dict[str, Any], methods: list[MethodSpec], orders: list[OrderSpec], output: Path
+    base: dict[str, Any],
+    methods: list[MethodSpec],
+    orders: list[OrderSpec],
+    output: Path,
+    seeds: list[int] | None = None,
 ) -> list[Cell]:
-    """Every cell's config, validated (method options and each order's data) before anything runs."""
+    """Every cell's config, validated (method options and each order's data) before anything runs; with
+    `seeds`, one cell per seed of every (method, order)."""
     build_config(base)  # the shared part, reported against the user's own file first
     cells = []
     for method in methods:
         for order in orders:
-            where = f"{method.text} on {order.text}"
-            config = resolve_benchmark(build_config(cell_data(base, method, order), where))
-            try:
-                create_method(method.name, config.method_options(), config.lora)
-            except ConfigError as exc:
-                raise ConfigError(f"--methods {method.text}: {exc}") from exc
-            path = output / _dirname(method.text) / _dirname(order.text)
-            cells.append(Cell(method, order, config, path, output / ZERO_SHOT_DIR))
+            for seed in seeds or [None]:
+                where = f"{method.text} on {order.text}" + ("" if seed is None else f" seed {seed}")
+                config = resolve_benchmark(build_config(cell_data(base, method, order, seed), where))
+                try:
+                    create_method(method.name, config.method_options(), config.lora)
+                except ConfigError as exc:
+                    raise ConfigError(f"--methods {method.text}: {exc}") from exc
+                path = _cell_path(output / _dirname(method.text) / _dirname(order.text), seed)
+                cells.append(Cell(method, order, config, path, output / ZERO_SHOT_DIR, seed=seed))
     checked: set[str] = set()
     for cell in cells:
         if cell.order.text not in checked:
@@ -339,9 +404,10 @@ def plan_tuning(
     orders: list[OrderSpec],
     tuned: list[TunedKey],
     output: Path,
+    seeds: list[int] | None = None,
 ) -> tuple[list[MethodTuning], list[Cell]]:
-    """Every method's candidates and every tuning cell's config (evaluating on validation), validated, and
-    each order's training data checked without opening a test file."""
+    """Every method's candidates and every tuning cell's config (evaluating on validation; one per seed
+    with `seeds`), validated, and each order's training data checked without opening a test file."""
     build_config(base)
     tunings = [method_tuning(m, tuned) for m in methods]
     for t in tuned:
@@ -360,10 +426,11 @@ def plan_tuning(
         seen: dict[str, str] = {}  # a candidate's resolved config -> its text: "1e-4" and "0.0001" are one
         for candidate in tuning.candidates:
             spec = tuning.spec(candidate)
-            for order in orders:
-                data = cell_data(base, spec, order)
+            for order, seed in itertools.product(orders, seeds or [None]):
+                data = cell_data(base, spec, order, seed)
                 set_dotted(data, "eval.split", "validation", "--tune")
                 where = f"{tuning.method.text} with {candidate.text} on {order.text}"
+                where += "" if seed is None else f" seed {seed}"
                 config = resolve_benchmark(build_config(data, where))
                 try:
                     create_method(spec.name, config.method_options(), config.lora)
@@ -373,8 +440,8 @@ def plan_tuning(
                 if same != candidate.text:
                     raise ConfigError(f"--tune: {same} and {candidate.text} give {spec.text} the same config")
                 path = output / TUNE_DIR / _dirname(spec.text) / _dirname(candidate.text)
-                path = path / _dirname(order.text)
-                cells.append(Cell(spec, order, config, path, output / ZERO_SHOT_DIR, candidate))
+                path = _cell_path(path / _dirname(order.text), seed)
+                cells.append(Cell(spec, order, config, path, output / ZERO_SHOT_DIR, candidate, seed))
     checked: set[str] = set()
     for cell in cells:
         if cell.order.text not in checked:
@@ -474,10 +541,13 @@ def bench_command(
     label: str,
     tune: Sequence[str] = (),
     select_on: str | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> str:
     """The command line that reproduces this grid (recorded in bench.json and bench.md)."""
     parts = ["loracl", "bench"] + ([config_path] if config_path else [])
     parts += ["--methods", methods, "--orders", orders]
+    if seeds is not None:
+        parts += ["--seeds", ",".join(str(seed) for seed in seeds)]
     for override in overrides:
         parts += ["--set", override]
     for entry in tune:
@@ -495,6 +565,8 @@ def _cell_entry(cell: Cell, output: Path) -> dict[str, Any]:
         "path": str(cell.path.relative_to(output)),
         "config": cell.config_json(),
     }
+    if cell.seed is not None:
+        entry["seed"] = cell.seed
     return entry if cell.candidate is None else {**entry, "candidate": cell.candidate.text}
 
 
@@ -506,9 +578,11 @@ def write_manifest(
     selection: dict[str, Any] | None = None,
     methods: Sequence[str] | None = None,
     orders: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> None:
     """bench.json. `selection` (with --tune): how the methods were tuned, its cells and its outcome; the
-    ordinary `cells` are then those of the chosen configs (none yet while the selection runs)."""
+    ordinary `cells` are then those of the chosen configs (none yet while the selection runs). `seeds`
+    (--seeds): the train.seed values every cell is repeated at (absent without --seeds)."""
     output.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c.method.text for c in cells)) if methods is None else methods
     orders = list(dict.fromkeys(c.order.text for c in cells)) if orders is None else orders
@@ -519,6 +593,8 @@ def write_manifest(
         "orders": list(orders),
         "cells": [_cell_entry(c, output) for c in cells],
     }
+    if seeds is not None:
+        manifest["seeds"] = list(seeds)
     if selection is not None:
         manifest["selection"] = selection
     runner.write_json_atomic(manifest, output / MANIFEST)
@@ -536,6 +612,27 @@ def check_bench_dir(output: Path) -> None:
         )
 
 
+def check_seed_layout(output: Path, seeds: list[int] | None) -> None:
+    """A bench directory holds one layout: cells in <method>/<order>/ (no --seeds) or in
+    <method>/<order>/seed-<s>/ (--seeds). Switching in place would nest runs inside runs, and a later rerun
+    of the outer one would replace the inner ones: refused (more or other seeds are fine)."""
+    if not (output / MANIFEST).is_file():
+        return
+    try:
+        before = read_json_limited(output / MANIFEST)
+    except UnsafeFileError:
+        return  # read_manifest reports it when the report is written
+    if not isinstance(before, dict) or not (before.get("cells") or before.get("selection")):
+        return
+    had = before.get("seeds") is not None
+    if had != (seeds is not None):
+        was = "with --seeds" if had else "without --seeds"
+        raise ConfigError(
+            f"--output: {output} holds a grid run {was}; cells with and without --seeds do not share a bench "
+            f"directory ({'give --seeds' if had else 'leave out --seeds'}, or choose another --output)"
+        )
+
+
 def run_grid(
     config_path: str | None,
     methods: str,
@@ -546,29 +643,36 @@ def run_grid(
     jobs: int = 1,
     tune: Sequence[str] = (),
     select_on: str | None = None,
+    seeds: str | None = None,
 ) -> list[CellResult]:
     """Validate the whole grid, run the cells not finished yet (`jobs` of them at a time, each in its own
     process, when jobs > 1), then write bench.md / .csv / .png. With `tune` (--tune entries), each method's
-    config is first selected on validation (see select_configs), then the chosen one runs on test."""
+    config is first selected on validation (see select_configs), then the chosen one runs on test. With
+    `seeds` (--seeds "1,2,3"), every cell is repeated at each train.seed."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, not {jobs}")
     check_select_on(select_on, bool(tune))
     tuned = parse_tune(tune) if tune else []
+    seed_list = parse_seeds(seeds)
     output = Path(output)
     check_bench_dir(output)
+    check_seed_layout(output, seed_list)
     label = label or output.name
     method_specs, order_specs = parse_grid(methods, orders)
+    check_seeds(seed_list, method_specs, tuned)
     base = load_config_data(config_path, list(overrides))
-    command = bench_command(config_path, methods, orders, overrides, output, label, tune, select_on)
-    grid = ([m.text for m in method_specs], [o.text for o in order_specs])
+    command = bench_command(
+        config_path, methods, orders, overrides, output, label, tune, select_on, seed_list
+    )
+    grid = ([m.text for m in method_specs], [o.text for o in order_specs], seed_list)
     selection, busy = None, []
     if tuned:
         method_specs, selection, busy = select_configs(
-            base, method_specs, order_specs, tuned, list(tune), output, label, command, jobs
+            base, method_specs, order_specs, tuned, list(tune), output, label, command, jobs, seed_list
         )
-    cells = plan_grid(base, method_specs, order_specs, output) if method_specs else []
+    cells = plan_grid(base, method_specs, order_specs, output, seed_list) if method_specs else []
     write_manifest(output, label, command, cells, selection, *grid)
-    heads = [f"[cell {n}/{len(cells)}] {c.method.text} on {c.order.text}" for n, c in enumerate(cells, 1)]
+    heads = [f"[cell {n}/{len(cells)}] {c.where}" for n, c in enumerate(cells, 1)]
     busy += run_cells(cells, heads, jobs)
     results = write_bench_report(output)
     if busy:
@@ -630,6 +734,7 @@ def select_configs(
     label: str,
     command: str,
     jobs: int,
+    seeds: list[int] | None = None,
 ) -> tuple[list[MethodSpec], dict[str, Any], list[str]]:
     """Run every tuning cell (validation only: no test file is opened before the choice is made), choose
     per method the candidate with the best mean validation AP over the orders (a tie: the one listed first),
@@ -639,7 +744,7 @@ def select_configs(
     if split not in (None, "test"):
         raise ConfigError(f"--tune: eval.split {_UNTUNABLE['eval.split']}; do not set it (it is {split!r})")
     fraction, defaulted = _validation_fraction(base)
-    tunings, cells = plan_tuning(base, methods, orders, tuned, output)
+    tunings, cells = plan_tuning(base, methods, orders, tuned, output, seeds)
     if defaulted:
         print(
             f"note: --tune: benchmark.validation_fraction is 0; holding out {DEFAULT_VALIDATION_FRACTION} of "
@@ -655,9 +760,10 @@ def select_configs(
     }
     texts = [m.text for m in methods]
     order_texts = [o.text for o in orders]
-    write_manifest(output, label, command, [], selection, texts, order_texts)  # the grid's folder, first
+    write_manifest(output, label, command, [], selection, texts, order_texts, seeds)  # the grid's folder 1st
     heads = [
         f"[tune {n}/{len(cells)}] {c.method.text} {c.candidate.text if c.candidate else ''} on {c.order.text}"
+        + ("" if c.seed is None else f" seed {c.seed}")
         for n, c in enumerate(cells, 1)
     ]
     busy = run_cells(cells, heads, jobs)
@@ -686,21 +792,24 @@ def _tuning_score(cell: Cell) -> tuple[str, float | None]:
 
 
 def _method_record(tuning: MethodTuning, cells: list[Cell], orders: list[OrderSpec]) -> dict[str, Any]:
-    """bench.json's account of one method's selection: each candidate's validation AP per order and mean,
-    its state (ok; failed: some order failed, out of the running; unfinished), and the choice (None while
-    a candidate is unfinished, or when none finished every order)."""
+    """bench.json's account of one method's selection: each candidate's validation AP per order (with
+    --seeds its mean over the seeds, once every seed is ok) and mean, its state (ok; failed: some cell
+    failed, out of the running; unfinished), and the choice (None while a candidate is unfinished, or when
+    none finished every order)."""
     candidates = []
     for candidate in tuning.candidates:
-        mine = {
-            c.order.text: c
-            for c in cells
-            if c.method.text == tuning.method.text and c.candidate and c.candidate.text == candidate.text
-        }
-        found = {order.text: _tuning_score(mine[order.text]) for order in orders}
-        states = {state for state, _ in found.values()}
+        mine: dict[str, list[Cell]] = {}
+        for c in cells:
+            if c.method.text == tuning.method.text and c.candidate and c.candidate.text == candidate.text:
+                mine.setdefault(c.order.text, []).append(c)
+        found = {order.text: [_tuning_score(c) for c in mine[order.text]] for order in orders}
+        states = {state for runs in found.values() for state, _ in runs}
         state = "failed" if "failed" in states else "unfinished" if "unfinished" in states else "ok"
-        scores = {order: ap for order, (_, ap) in found.items()}
-        resolved = mine[orders[0].text].config.model_dump(mode="json")  # the values as the config holds them
+        scores = {
+            order: statistics.fmean(ap for _, ap in runs) if all(ap is not None for _, ap in runs) else None
+            for order, runs in found.items()
+        }
+        resolved = mine[orders[0].text][0].config.model_dump(mode="json")  # values as the config holds them
         values = {key: _dotted(resolved, key) for key in candidate.values}
         mean = statistics.fmean(ap for ap in scores.values() if ap is not None) if state == "ok" else None
         entry = {"text": candidate.text, "values": values, "scores": scores, "mean": mean}
@@ -776,11 +885,14 @@ class CellResult:
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     candidate: str = ""  # a tuning cell's candidate (--tune); "" for the grid's own cells
+    seed: int | None = None  # its train.seed under --seeds
 
     @property
     def where(self) -> str:
         """The cell in words, as the failure line names it."""
-        return f"{self.method} on {self.order}" + (f" (tuning {self.candidate})" if self.candidate else "")
+        seed = "" if self.seed is None else f" seed {self.seed}"
+        tuning = f" (tuning {self.candidate})" if self.candidate else ""
+        return f"{self.method} on {self.order}{seed}{tuning}"
 
     def metric(self, key: str) -> float | None:
         return self.results.get("metrics", {}).get(key) if self.status == "ok" else None
@@ -795,7 +907,7 @@ def _error_summary(path: Path) -> str:
 
 
 def read_cell(output: Path, entry: dict[str, Any]) -> CellResult:
-    cell = _read_cell(output, entry)
+    cell = dataclasses.replace(_read_cell(output, entry), seed=entry.get("seed"))
     return dataclasses.replace(cell, candidate=entry["candidate"]) if entry.get("candidate") else cell
 
 
@@ -821,6 +933,7 @@ class _ManifestCell(BaseModel):
     order: str
     path: str
     config: dict[str, Any]
+    seed: int | None = None  # --seeds (absent in grids without)
 
     @field_validator("path")
     @classmethod
@@ -869,6 +982,7 @@ class _Manifest(BaseModel):
     orders: list[str]
     cells: list[_ManifestCell]
     selection: _Selection | None = None
+    seeds: list[int] | None = None  # --seeds (absent in grids without: each cell at its config's seed)
 
     @model_validator(mode="after")
     def _some_cell(self) -> _Manifest:
@@ -946,26 +1060,53 @@ def _by_method(manifest: dict[str, Any], cells: list[CellResult]) -> dict[str, l
     return {m: [c for c in cells if c.method == m] for m in manifest["methods"]}
 
 
-def ranking_line(manifest: dict[str, Any], cells: list[CellResult]) -> str:
+def _seeds(manifest: dict[str, Any]) -> list[int | None]:
+    """The seeds every cell ran at (--seeds), or [None]: one run per (method, order) at its config's seed."""
+    return list(manifest.get("seeds") or [None])
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    return ", ".join(str(seed) for seed in seeds)
+
+
+def _runs_word(manifest: dict[str, Any]) -> str:
+    return "orders" if manifest.get("seeds") is None else "runs (every order at every seed)"
+
+
+def ranking_line(
+    manifest: dict[str, Any], cells: list[CellResult], stats: BenchStatistics | None = None
+) -> str:
     """The continual methods ordered by mean AP, best first: the table's verdict in one line, whoever wins.
-    Upper bounds and references are left out; they are comparison points, not contenders."""
+    Means equal at the table's precision are one rank, joined by `=`. Upper bounds and references are left
+    out; they are comparison points, not contenders."""
     means = []
     for method, group in _by_method(manifest, cells).items():
         mean = aggregate([c.metric("AP") for c in group]).mean
         if mean is not None and method_class(parse_method(method).name).role == "continual":
-            means.append((mean, method))
+            means.append((f"{mean:.1f}", mean, method))
     if not means:
         return "No continual method finished a cell yet."
-    ranked = " > ".join(f"{method} {mean:.1f}" for mean, method in sorted(means, key=lambda m: -m[0]))
-    return f"Continual methods by mean AP, best first: {ranked}."
+    ranks: list[list[tuple[str, float, str]]] = []
+    for entry in sorted(means, key=lambda m: -m[1]):  # stable: level methods keep the grid's order
+        if ranks and ranks[-1][0][0] == entry[0]:
+            ranks[-1].append(entry)
+        else:
+            ranks.append([entry])
+    ranked = " > ".join(" = ".join(f"{method} {shown}" for shown, _, method in rank) for rank in ranks)
+    line = f"Continual methods by mean AP, best first: {ranked}."
+    if stats is not None and len(means) > 1:
+        line += " Whether a gap is more than noise: the paired comparisons below."
+    return line
 
 
 def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str | None) -> str:
     paper_col = f" AP (paper, {PAPER_MODEL}) |" if family else ""
+    done_col = "orders done" if manifest.get("seeds") is None else "runs done (orders × seeds)"
     lines = [
-        "| method | data-free | role | AP | BWT | FWT | forgetting | AP min–max | orders done |" + paper_col,
+        f"| method | data-free | role | AP | BWT | FWT | forgetting | AP min–max | {done_col} |" + paper_col,
         "|---" * (9 + bool(family)) + "|",
     ]
+    expected = len(manifest["orders"]) * len(_seeds(manifest))
     for method, group in _by_method(manifest, cells).items():
         cls = method_class(parse_method(method).name)
         spreads = {k: aggregate([c.metric(k) for c in group]) for k in METRICS}
@@ -975,7 +1116,7 @@ def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str
         row = (
             f"| {method} | {'yes' if cls.data_free else '**no**'} | {cls.role} | "
             + " | ".join(_mean_std(spreads[k]) for k in METRICS)
-            + f" | {span} | {done}/{len(group) or len(manifest['orders'])} |"  # no cell: not chosen yet
+            + f" | {span} | {done}/{len(group) or expected} |"  # no cell: not chosen yet
         )
         if family:
             paper = PAPER_RESULTS.get(method, {}).get(family, {}).get("AP")
@@ -984,13 +1125,19 @@ def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str
     return "\n".join(lines)
 
 
-def cells_table(cells: list[CellResult]) -> str:
-    lines = ["| method | order | AP | BWT | FWT | forgetting | train s | wall s | status |", "|---" * 9 + "|"]
+def cells_table(cells: list[CellResult], seeds: bool = False) -> str:
+    seed_col = " seed |" if seeds else ""
+    lines = [
+        f"| method | order |{seed_col} AP | BWT | FWT | forgetting | train s | wall s | status |",
+        "|---" * (9 + seeds) + "|",
+    ]
     for c in cells:
         timings = c.results.get("timings", {}) if c.status == "ok" else {}
         status = c.status if not c.error else f"failed: {c.error}"
         lines.append(
-            f"| {c.method} | {c.order} | "
+            f"| {c.method} | {c.order} |"
+            + (f" {c.seed} |" if seeds else "")
+            + " "
             + " | ".join(_fmt(c.metric(k)) for k in METRICS)
             + f" | {_fmt(timings.get('train_total'), 0)} | {_fmt(timings.get('wall'), 0)} | "
             + f"{status.replace('|', '/')} |"
@@ -998,11 +1145,13 @@ def cells_table(cells: list[CellResult]) -> str:
     return "\n".join(lines)
 
 
-def paper_table() -> str:
+def paper_table(family: str) -> str:
+    """The paper's numbers for the benchmark family the grid makes up (the only ones bench.md shows)."""
     paper = f"paper, {PAPER_MODEL}"
     lines = [f"| method | benchmark | AP ({paper}) | BWT ({paper}) |", "|---" * 4 + "|"]
     for method, families in PAPER_RESULTS.items():
-        for family, numbers in families.items():
+        if family in families:
+            numbers = families[family]
             ap, bwt = (_fmt(numbers[k]) if k in numbers else "not reported" for k in ("AP", "BWT"))
             lines.append(f"| {method} | {FAMILIES[family][0]} | {ap} | {bwt} |")
     return "\n".join(lines)
@@ -1022,119 +1171,352 @@ def _orders_text(manifest: dict[str, Any]) -> str:
     )
 
 
+def _setup_text(manifest: dict[str, Any], base: dict[str, Any]) -> str:
+    """The setup line; with --seeds it names every seed, not the first cell's alone."""
+    line = setup_line({"config": base})
+    seeds = manifest.get("seeds")
+    if seeds is None:
+        return line
+    line = line.replace(f"seed {base['train']['seed']};", f"seeds {_seeds_text(seeds)};")
+    return (
+        f"{line}\n\nSeeds (`train.seed`, `--seeds`): {_seeds_text(seeds)}: every (method, order) cell ran at "
+        f"each, in `<method>/<order>/{SEED_DIR.format('<s>')}/`."
+    )
+
+
 def bench_markdown(
     manifest: dict[str, Any],
     cells: list[CellResult],
     family: str | None,
     output: Path | None = None,
     tuning: Sequence[CellResult] = (),
+    stats: BenchStatistics | None = None,
 ) -> str:
     base = _entries(manifest)[0]["config"]
     ok = [c for c in cells if c.status == "ok"]
     devices = sorted({c.results.get("device", "?") for c in ok}) or ["n/a"]
+    if stats is None and output is not None:
+        stats = bench_statistics(manifest, cells, output)
+    seeded = manifest.get("seeds") is not None
     paper_note = (
-        f"The last column and the table below are the **paper's** numbers ({PAPER_MODEL}, "
+        f"The last column and the table at the end are the **paper's** numbers ({PAPER_MODEL}, "
         f"{FAMILIES[family][0]}), not ours: another model, full data, no caps."
         if family
         else "No paper numbers beside ours: these orders are not a benchmark family the paper reports."
+    )
+    paper_section = (
+        f"""
+## Reported in the paper ({PAPER_MODEL}; source: METHODS.md, Qiao & Mahdavi, ICLR 2026)
+
+{paper_table(family)}
+"""
+        if family
+        else ""
     )
     return f"""# loracl bench: {manifest["label"]}
 
 Model `{base["model"]["name"]}` ({base["model"]["dtype"]}), benchmark `{base["benchmark"]["name"]}`, on
 {", ".join(f"`{d}`" for d in devices)}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
-{setup_line({"config": base})}
+{_setup_text(manifest, base)}
 
 Reproduce: `{manifest["command"]}`
 
 Task orders:
 {_orders_text(manifest)}
 
-## Mean over orders
+## Mean over {"orders and seeds" if seeded else "orders"}
 
-Scores in percent; each cell is mean ± std over the orders run (std: sample standard deviation, n − 1;
-n/a where a metric is undefined: FWT without zero-shot, BWT/FWT for joint training). Data-free: no example
-of a finished task is kept; role `upper_bound` / `reference` are comparison points, not continual methods.
+Scores in percent; each cell is mean ± std over the {_runs_word(manifest)} run (std: sample standard
+deviation, n − 1; n/a where a metric is undefined: FWT without zero-shot, BWT/FWT for joint training).
+Data-free: no example of a finished task is kept; role `upper_bound` / `reference` are comparison points,
+not continual methods.
 {paper_note}
 
 {summary_table(manifest, cells, family)}
 
-{ranking_line(manifest, cells)}
+{ranking_line(manifest, cells, stats)}
 
-{statistics_section(manifest, cells, output)}
+{statistics_section(stats) if output is not None else ""}
 {selection_section(manifest, tuning)}
-## Every cell (method × order)
+## Every cell (method × order{" × seed" if seeded else ""})
 
-{cells_table(cells)}
-
-## Reported in the paper ({PAPER_MODEL}; source: METHODS.md, Qiao & Mahdavi, ICLR 2026)
-
-{paper_table()}
-
-![AP and BWT per method](bench.png)
+{cells_table(cells, seeded)}
+{paper_section}
+![AP, BWT and forgetting per method](bench.png)
 """
 
 
-def final_scores(output: Path, entry: dict[str, Any], tasks: list[str]) -> list[list[float]] | None:
-    """A finished cell's per-example scores on every task after its last step (from its predictions.jsonl),
-    in task order; None when the cell kept no predictions (run by an older loracl) or misses a task."""
+# -- statistics from the predictions the cells keep --------------------------------------------------------
+
+
+def _examples_key(task: str, references: list[Any], seed: Any, capped: bool) -> tuple[Any, ...]:
+    """What names a task's test examples across runs: the task, its examples' references (in order), and
+    when a cap picked them (max_test reached) the seed that picked them (data.benchmarks: seeded by task
+    name and train.seed, whatever the order)."""
+    digest = hashlib.sha256(json.dumps(references, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return (task, digest, seed if capped else None)
+
+
+def _read_step(path: Path) -> dict[str, tuple[list[float], list[Any]]]:
+    """One evaluation's predictions.jsonl: per task, the example scores and references, in file order."""
+    found: dict[str, tuple[list[float], list[Any]]] = {}
+    for record in read_predictions(path):
+        scores, references = found.setdefault(str(record.get("task")), ([], []))
+        scores.append(float(record["score"]))
+        references.append(record.get("references"))
+    return found
+
+
+def read_run(run_dir: Path, results: dict[str, Any]) -> Run | None:
+    """A finished cell's per-example scores after every training step (tasks/<i>-<task>/predictions.jsonl),
+    or after the last alone (joint training: one evaluation), as engine.statistics reads them; None when
+    the cell kept no predictions (run by an older loracl) or its last evaluation misses a task."""
+    tasks = [str(t) for t in results.get("tasks") or []]
+    config = results.get("config") or {}
+    max_test = (config.get("benchmark") or {}).get("max_test")
+    seed = (config.get("train") or {}).get("seed")
     try:
-        path = predictions_file(output / entry["path"], None)
-        records = list(read_predictions(path))
+        last = _read_step(predictions_file(run_dir, None))
     except LoraclError:
         return None
-    by_task: dict[str, list[float]] = {}
-    for record in records:
-        by_task.setdefault(str(record.get("task")), []).append(float(record["score"]))
-    return [by_task[t] for t in tasks] if all(t in by_task for t in tasks) else None
+    if not tasks or not all(t in last for t in tasks):
+        return None
+    sizes = [len(last[t][0]) for t in tasks]
+    keys = tuple(
+        _examples_key(t, last[t][1], seed, max_test is not None and n >= max_test)
+        for t, n in zip(tasks, sizes, strict=True)
+    )
+    final = tuple(np.asarray(last[t][0]) for t in tasks)
+    rows: list[tuple[np.ndarray | None, ...]] = []
+    for step in range(1, len(tasks)):
+        try:
+            found = _read_step(predictions_file(run_dir, step))
+        except LoraclError:
+            return Run(keys, (final,))  # joint training, or steps without predictions: the last row only
+        rows.append(
+            tuple(
+                np.asarray(found[t][0]) if t in found and len(found[t][0]) == n else None
+                for t, n in zip(tasks, sizes, strict=True)
+            )
+        )
+    return Run(keys, (*rows, final))
 
 
-def statistics_section(manifest: dict[str, Any], cells: list[CellResult], output: Path | None = None) -> str:
-    """95 % bootstrap intervals of AP per method (over test examples; orders fixed) and a paired comparison
-    of every two methods on the same examples, each marked resolved or not (engine.statistics)."""
-    if output is None:
-        return ""
-    scores: dict[str, dict[str, list[list[float]]]] = {}
+@dataclass(frozen=True)
+class MethodStatistics:
+    """A method's intervals: AP over test examples (orders and seeds fixed) and over orders, seeds and
+    test examples (hierarchical; the same with one run), BWT and forgetting hierarchical (None: undefined)."""
+
+    ap_examples: Interval
+    ap: Interval
+    bwt: Interval | None
+    forgetting: Interval | None
+
+
+@dataclass(frozen=True)
+class PairStatistics:
+    """AP(first) - AP(second), paired: over test examples, hierarchical, and the test examples per task
+    (`needed`, engine.statistics.examples_to_resolve) at which the difference would be resolved with the
+    orders and seeds fixed; `per_task`: the smallest task's test examples now. None: not the same examples."""
+
+    first: str
+    second: str
+    examples: Interval | None
+    hierarchical: Interval | None
+    needed: int | None
+    per_task: int
+
+    @property
+    def resolved(self) -> bool:
+        return all(i is not None and i.resolved for i in (self.examples, self.hierarchical))
+
+
+@dataclass
+class BenchStatistics:
+    orders: int
+    seeds: int
+    methods: dict[str, MethodStatistics]
+    pairs: list[PairStatistics]
+    without: list[str]  # methods left out: some run failed, is missing or kept no predictions
+
+    @property
+    def runs(self) -> int:
+        return self.orders * self.seeds
+
+
+def method_grids(
+    manifest: dict[str, Any], cells: list[CellResult], output: Path
+) -> dict[str, list[list[Run]]]:
+    """Per method with every (order, seed) finished and its predictions kept, its runs: orders x seeds."""
+    found: dict[tuple[str, str, int | None], Run] = {}
     for entry, cell in zip(manifest["cells"], cells, strict=True):
-        found = final_scores(output, entry, cell.results.get("tasks", [])) if cell.status == "ok" else None
-        if found is not None:
-            scores.setdefault(cell.method, {})[cell.order] = found
-    orders = manifest["orders"]
-    complete = {m: [found[o] for o in orders] for m, found in scores.items() if set(found) >= set(orders)}
-    if not complete:
-        return "## Intervals\n\nNo method has predictions kept in every order (older cells): no interval."
+        if cell.status == "ok":
+            run = read_run(output / entry["path"], cell.results)
+            if run is not None:
+                found[(cell.method, cell.order, cell.seed)] = run
+    orders, seeds = manifest["orders"], _seeds(manifest)
+    return {
+        method: [[found[(method, o, s)] for s in seeds] for o in orders]
+        for method in manifest["methods"]
+        if all((method, o, s) in found for o in orders for s in seeds)
+    }
+
+
+def bench_statistics(manifest: dict[str, Any], cells: list[CellResult], output: Path) -> BenchStatistics:
+    """Every complete method's intervals and every two such methods' paired comparison (engine.statistics)."""
+    grids = method_grids(manifest, cells, output)
+    orders, seeds = len(manifest["orders"]), len(_seeds(manifest))
+    several = orders * seeds > 1
+    methods = {}
+    for method, grid in grids.items():
+        examples = interval(grid, "AP")
+        assert examples is not None  # every run has its last row
+        methods[method] = MethodStatistics(
+            examples,
+            interval(grid, "AP", hierarchical=True) if several else examples,  # type: ignore[arg-type]
+            interval(grid, "BWT", hierarchical=True),
+            interval(grid, "forgetting", hierarchical=True),
+        )
+    pairs = []
+    names = list(grids)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = grids[first], grids[second]
+            per_task = min(len(v) for runs in a for run in runs for v in run.rows[-1] if v is not None)
+            try:
+                examples = paired_difference(a, b)
+                hierarchical = paired_difference(a, b, hierarchical=True) if several else examples
+                needed = examples_to_resolve(a, b)
+            except ValueError:  # not the same test examples
+                examples = hierarchical = needed = None
+            pairs.append(PairStatistics(first, second, examples, hierarchical, needed, per_task))
+    without = [m for m in manifest["methods"] if m not in grids]
+    return BenchStatistics(orders, seeds, methods, pairs, without)
+
+
+def _across(orders: int, seeds: int) -> str:
+    """What the hierarchical interval resamples besides test examples, in words."""
+    return "orders" if seeds == 1 else "orders and seeds" if orders > 1 else "seeds"
+
+
+def _over(across: str) -> str:
+    """The levels of the hierarchical interval in words: "orders, seeds and test examples"."""
+    return f"{across.replace(' and ', ', ')} and test examples"
+
+
+def _span(value: Interval | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{value.low:{sign}.1f} – {value.high:{sign}.1f}"
+
+
+def _with_span(value: Interval | None) -> str:
+    return "n/a" if value is None else f"{value.value:.1f} ({_span(value)})"
+
+
+def _verdict(pair: PairStatistics, several: bool, across: str) -> str:
+    if pair.examples is None or pair.hierarchical is None:
+        return "n/a"
+    if pair.resolved:
+        return "resolved"
+    if pair.examples.resolved:  # only across orders / seeds is it noise
+        return (
+            f"not resolved across {across} (resolved on these runs' test examples: more {across}, not more "
+            "test examples, would settle it)"
+        )
+    if pair.needed is None:
+        return "not resolved (no difference)"
+    fixed = f" with these {across}" if several else ""
+    if pair.needed <= pair.per_task:
+        return (
+            f"not resolved (at the edge: the normal approximation puts it at ~{pair.needed} test examples "
+            f"per task{fixed}; now {pair.per_task})"
+        )
+    needed = f"~{pair.needed} test examples per task would resolve it{fixed}"
+    return f"not resolved ({needed}; now {pair.per_task})"
+
+
+def statistics_section(stats: BenchStatistics | None) -> str:
+    """bench.md's intervals: per method AP over test examples (and, with several orders or seeds, over
+    them too: hierarchical), BWT and forgetting; per pair of methods the paired difference, its verdict
+    and the test examples per task that would resolve it."""
+    if stats is None or not stats.methods:
+        return (
+            "## Intervals\n\nNo method has predictions kept in every "
+            + ("order" if stats is None or stats.seeds == 1 else "order at every seed")
+            + " (older cells, or cells not finished): no interval."
+        )
+    several = stats.runs > 1
+    across = _across(stats.orders, stats.seeds)
+    levels = (
+        "the orders with replacement, then within each drawn order its seeds"
+        if stats.orders > 1 and stats.seeds > 1
+        else "the orders with replacement" if stats.orders > 1 else "the seeds with replacement"
+    )  # fmt: skip
+    fixed = "the order fixed" if stats.runs == 1 else f"the {across} fixed"
+    intro = (
+        f"95 % bootstrap intervals ({DRAWS} draws). **Over test examples**: {fixed}, each task's test "
+        "examples resampled within the task (examples several runs share, the same task at the same cap and "
+        "seed in another order, are drawn together)."
+    )
+    if several:
+        intro += (
+            f" **Over {_over(across)}** (hierarchical): each draw resamples {levels}, then the "
+            f"test examples; with {stats.orders} order(s) and {stats.seeds} seed(s) it is narrow (a few "
+            "values resampled): read it as a lower bound of the spread between them."
+        )
+    intro += (
+        f" BWT and forgetting (from every step's predictions): the {'hierarchical' if several else 'same'} "
+        "interval. A difference of two methods "
+        "is paired (the same draws for both, on the same examples) and **resolved** when its interval"
+        f"{'s exclude' if several else ' excludes'} 0; otherwise it is noise at this size."
+    )
+    hier_col = f" 95 % over {_over(across)} |" if several else ""
     lines = [
         "## Intervals and paired comparisons",
         "",
-        f"95 % bootstrap intervals over the test examples (each task resampled within itself, {DRAWS} draws; "
-        "the orders are fixed: the spread between orders is the table's std). A difference is **resolved** "
-        "when its paired interval (the same examples for both methods) excludes 0.",
+        intro,
         "",
-        "| method | AP | 95 % interval |",
-        "|---|---|---|",
+        f"| method | AP | 95 % over test examples |{hier_col} BWT (95 %) | forgetting (95 %) |",
+        "|---" * (5 + several) + "|",
     ]
-    for method, orders_scores in complete.items():
-        interval = ap_interval(orders_scores)
-        lines.append(f"| {method} | {interval.value:.1f} | {interval.low:.1f} – {interval.high:.1f} |")
-    lines += ["", "| difference | AP points | 95 % interval | verdict |", "|---|---|---|---|"]
-    names = list(complete)
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
-            lines.append(_comparison_row(first, second, complete))
+    for method, m in stats.methods.items():
+        hier = f" {_span(m.ap)} |" if several else ""
+        lines.append(
+            f"| {method} | {m.ap.value:.1f} | {_span(m.ap_examples)} |{hier} {_with_span(m.bwt)} | "
+            f"{_with_span(m.forgetting)} |"
+        )
+    if stats.without:
+        left = ", ".join(stats.without)
+        lines += ["", f"No interval (not every run finished with its predictions kept): {left}."]
+    pair_hier = f" 95 % over {_over(across)} |" if several else ""
+    lines += [
+        "",
+        f"| difference | AP points | 95 % over test examples |{pair_hier} verdict |",
+        "|---" * (4 + several) + "|",
+    ]
+    for pair in stats.pairs:
+        name = f"{pair.first} − {pair.second}"
+        if pair.examples is None or pair.hierarchical is None:
+            lines.append(f"| {name} | n/a | not the same test examples |{' n/a |' if several else ''} n/a |")
+            continue
+        hier = f" {_span(pair.hierarchical, True)} |" if several else ""
+        lines.append(
+            f"| {name} | {pair.examples.value:+.1f} | {_span(pair.examples, True)} |{hier} "
+            f"{_verdict(pair, several, across)} |"
+        )
+    if stats.pairs:
+        lines += [
+            "",
+            "Test examples per task that would resolve a difference D (the verdicts' number; "
+            f"{'the ' + across + ' fixed; ' if several else ''}engine.statistics): n ≥ 1.96² Σ_k s_k² / D², "
+            "s_k² the variance over task k's examples of the paired difference c_k,i = 100 (a_i − b_i) / "
+            "(runs × tasks), summed over the runs sharing those examples; for one run of T tasks "
+            "n ≥ (1.96 × 100 / T)² Σ_t var_t(a − b) / D². It assumes D and the per-example variance stay as "
+            "observed.",
+        ]
     return "\n".join(lines)
-
-
-def _comparison_row(first: str, second: str, complete: dict[str, list[list[list[float]]]]) -> str:
-    try:
-        diff = paired_difference(complete[first], complete[second])
-    except ValueError:
-        return f"| {first} − {second} | n/a | not the same test examples | n/a |"
-    if diff.resolved:
-        verdict = "resolved"
-    else:
-        per_task = min(len(task) for order in complete[first] for task in order)
-        needed = examples_to_resolve(diff, per_task)
-        verdict = "not resolved" + (f" (~{needed} test examples per task would resolve it)" if needed else "")
-    return f"| {first} − {second} | {diff.value:+.1f} | {diff.low:+.1f} – {diff.high:+.1f} | {verdict} |"
 
 
 def selection_section(manifest: dict[str, Any], tuning: Sequence[CellResult]) -> str:
@@ -1144,19 +1526,25 @@ def selection_section(manifest: dict[str, Any], tuning: Sequence[CellResult]) ->
     if not selection:
         return ""
     orders = manifest["orders"]
-    state = {(c.method, c.candidate, c.order): c for c in tuning}
+    state: dict[tuple[str, str, str], list[CellResult]] = {}
+    for c in tuning:
+        state.setdefault((c.method, c.candidate, c.order), []).append(c)
     defaulted = " (the default of --tune: the config held none)" if selection["fraction_defaulted"] else ""
+    seeds = manifest.get("seeds")
+    seeds_text = "" if seeds is None else f" at every seed ({_seeds_text(seeds)}; an order's score: the mean)"
     lines = [
         "",
         "## Selection on validation",
         "",
         f"Tuned: {', '.join(f'`--tune {t}`' for t in selection['tune'])}. Every candidate config of a method "
-        "ran on every order with evaluation on a **validation** split carved from the training data "
+        f"ran on every order{seeds_text} with evaluation on a **validation** split carved from the training "
+        "data "
         f"(`benchmark.validation_fraction` = {selection['validation_fraction']:g} of each task's training "
         f"examples{defaulted}; the final runs leave the same examples out of their training). Per method the "
         "candidate with the best mean validation AP over the orders was chosen (a tie: the one listed first) "
         "and run on test: the cells above. **Test data was never read during selection**: the tuning runs "
-        f"(`{TUNE_DIR}/<method>/<candidate>/<order>/`, `eval.split: validation`) open no test file, and the "
+        f"(`{TUNE_DIR}/<method>/<candidate>/<order>/{'' if seeds is None else 'seed-<s>/'}`, `eval.split: "
+        "validation`) open no test file, and the "
         "final cells are planned, their test data read, only after the choice.",
         "",
         "| method | candidate | " + " | ".join(f"{o} (validation AP)" for o in orders) + " | mean | chosen |",
@@ -1169,8 +1557,9 @@ def selection_section(manifest: dict[str, Any], tuning: Sequence[CellResult]) ->
             scores = []
             for order in orders:
                 score = candidate["scores"].get(order)
-                cell = state.get((method, candidate["text"], order))
-                scores.append(_fmt(score) if score is not None else cell.status if cell else "missing")
+                runs = state.get((method, candidate["text"], order), [])
+                status = next((c.status for c in runs if c.status != "ok"), "missing")  # a seed not ok
+                scores.append(_fmt(score) if score is not None else status)
             mark = "**chosen**" if candidate["text"] == record["chosen"] else ""
             text = candidate["text"].replace("|", "/")
             lines.append(f"| {method} | {text} | {' | '.join(scores)} | {_fmt(candidate['mean'])} | {mark} |")
@@ -1187,53 +1576,115 @@ def selection_section(manifest: dict[str, Any], tuning: Sequence[CellResult]) ->
 
 
 def write_csv(cells: list[CellResult], path: Path) -> None:
-    columns = ["method", "order", "status", *METRICS, "data_free", "role", "tasks", "train_seconds",
-               "wall_seconds", "final_adapter_bytes", "error"]
+    columns = ["method", "order", "seed", "status", *METRICS, "data_free", "role", "tasks", "train_seconds",
+               "wall_seconds", "final_adapter_bytes", "error"]  # fmt: skip
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for c in cells:
             r = c.results if c.status == "ok" else {}
             writer.writerow([
-                c.method, c.order, c.status, *(c.metric(k) for k in METRICS), r.get("data_free"),
+                c.method, c.order, c.seed, c.status, *(c.metric(k) for k in METRICS), r.get("data_free"),
                 r.get("role"), "+".join(r.get("tasks", [])), r.get("timings", {}).get("train_total"),
                 r.get("timings", {}).get("wall"), (r.get("adapter_bytes") or [None])[-1], c.error,
-            ])
+            ])  # fmt: skip
 
 
-def plot_bench(manifest: dict[str, Any], cells: list[CellResult], family: str | None, path: Path) -> None:
+PLOTTED = ("AP", "BWT", "forgetting")
+
+
+def plot_order(manifest: dict[str, Any], cells: list[CellResult]) -> list[str]:
+    """The chart's methods: by mean AP, best first (a method without AP last; ties in the grid's order)."""
+    groups = _by_method(manifest, cells)
+    means = {m: aggregate([c.metric("AP") for c in group]).mean for m, group in groups.items()}
+    return sorted(groups, key=lambda m: (means[m] is None, -(means[m] or 0.0)))
+
+
+def plot_bench(
+    manifest: dict[str, Any],
+    cells: list[CellResult],
+    family: str | None,
+    path: Path,
+    stats: BenchStatistics | None = None,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = bench_figure(manifest, cells, family, stats)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_figure(
+    manifest: dict[str, Any],
+    cells: list[CellResult],
+    family: str | None,
+    stats: BenchStatistics | None = None,
+) -> Any:
+    """bench.png's figure: AP, BWT and forgetting per method (mean over the runs; bar containers labelled
+    by metric), the methods sorted by mean AP, each bar with its 95 % bootstrap interval where the cells
+    kept predictions (hierarchical with several orders or seeds; error bar containers labelled
+    `_<metric> interval`), and the paper's AP as a diamond."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _by_method(manifest, cells)
-    methods = list(groups)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(methods) + 2), 4.5))
-    width = 0.38
-    for offset, key in ((-width / 2, "AP"), (width / 2, "BWT")):
+    methods = plot_order(manifest, cells)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(methods) + 2), 4.8))
+    width = 0.27
+    for k, key in enumerate(PLOTTED):
+        offset = (k - 1) * width
         spreads = [aggregate([c.metric(key) for c in groups[m]]) for m in methods]
-        ax.bar(
-            [i + offset for i in range(len(methods))],
-            [math.nan if s.mean is None else s.mean for s in spreads],  # undefined: no bar, not a zero
-            width,
-            yerr=[s.std or 0.0 for s in spreads],
-            capsize=3,
-            label=f"{key} (mean ± std over orders)",
-        )
+        xs = [i + offset for i in range(len(methods))]
+        heights = [math.nan if s.mean is None else s.mean for s in spreads]  # undefined: no bar, not a zero
+        ax.bar(xs, heights, width, label=key)
+        found = stats.methods if stats is not None else {}
+        spans = [
+            (x, h, _plotted_interval(found.get(m), key))
+            for x, h, m in zip(xs, heights, methods, strict=True)
+        ]
+        spans = [(x, h, i) for x, h, i in spans if i is not None and not math.isnan(h)]
+        if spans:
+            ax.errorbar(
+                [x for x, _, _ in spans],
+                [h for _, h, _ in spans],
+                yerr=[
+                    [max(0.0, h - i.low) for _, h, i in spans],
+                    [max(0.0, i.high - h) for _, h, i in spans],
+                ],
+                fmt="none",
+                ecolor="black",
+                elinewidth=1,
+                capsize=3,
+                label=f"_{key} interval",  # a leading _: not in the legend
+            )
     paper = [(i, PAPER_RESULTS.get(m, {}).get(family or "", {}).get("AP")) for i, m in enumerate(methods)]
-    paper = [(i - width / 2, ap) for i, ap in paper if ap is not None]
+    paper = [(i - width, ap) for i, ap in paper if ap is not None]
     if paper:
         ax.scatter(*zip(*paper, strict=True), marker="D", color="black", zorder=3,
-                   label=f"AP, paper ({PAPER_MODEL})")
+                   label=f"AP, paper ({PAPER_MODEL})")  # fmt: skip
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)), labels=methods, rotation=30, ha="right")
     ax.set_ylabel("percent")
-    ax.set_title(f"{manifest['label']}: {len(manifest['orders'])} order(s)")
+    orders, seed_count = len(manifest["orders"]), len(_seeds(manifest))
+    seeds = "" if manifest.get("seeds") is None else f" × {seed_count} seed(s)"
+    over = _over(_across(orders, seed_count)) if orders * seed_count > 1 else "test examples"
+    bars_text = f"95 % bootstrap interval over {over}"
+    ax.set_title(
+        f"{manifest['label']}: {orders} order(s){seeds}, sorted by mean AP\n"
+        f"bars: mean over the runs; error bars: {bars_text}",
+        fontsize="medium",
+    )
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _plotted_interval(stats: MethodStatistics | None, key: str) -> Interval | None:
+    if stats is None:
+        return None
+    return {"AP": stats.ap, "BWT": stats.bwt, "forgetting": stats.forgetting}[key]
 
 
 def write_bench_report(output: str | Path) -> list[CellResult]:
@@ -1245,10 +1696,11 @@ def write_bench_report(output: str | Path) -> list[CellResult]:
     cells = [read_cell(output, entry) for entry in manifest["cells"]]
     tuning = [read_cell(output, entry) for entry in manifest.get("selection", {}).get("cells", [])]
     family = paper_family(manifest["orders"], _entries(manifest)[0]["config"]["benchmark"]["name"])
-    text = bench_markdown(manifest, cells, family, output, tuning)
+    stats = bench_statistics(manifest, cells, output)
+    text = bench_markdown(manifest, cells, family, output, tuning, stats)
     (output / "bench.md").write_text(text, encoding="utf-8")
     write_csv(cells, output / "bench.csv")
-    plot_bench(manifest, cells, family, output / "bench.png")
+    plot_bench(manifest, cells, family, output / "bench.png", stats)
     done = sum(c.status == "ok" for c in cells)
     tuned = f", {sum(c.status == 'ok' for c in tuning)}/{len(tuning)} tuning cells" if tuning else ""
     print(f"{done}/{len(cells)} cells finished{tuned}; table: {output / 'bench.md'}")
