@@ -46,7 +46,7 @@ def read_pair(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def test_run_directory_contract(slao_run):
     config, results, out = slao_run
-    for name in ("config.yaml", "results.json", "report.md", "matrix.png"):
+    for name in ("config.yaml", "results.json", "report.md", "matrix.png", "loss.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))

@@ -54,7 +54,34 @@ sets none; the final runs leave the same examples out of training), in DIR/tune/
 over the orders is chosen (a tie: the first listed), then run on test as an ordinary cell. A key the
 method sets itself in --methods (seq_lora:train.lr=3e-4) is not tuned for it; a method.KEY is tuned only for
 the methods that have that option; a method that does not train is not tuned. bench.md's "Selection on
-validation" and bench.json's "selection" give every candidate's scores and the choice."""
+validation" and bench.json's "selection" give every candidate's scores and the choice.
+
+Seeds (--seeds 1,2,3): every cell, tuning ones included, runs at each train.seed, in
+DIR/<method>/<order>/seed-<s>/ (a grid without --seeds keeps DIR/<method>/<order>/; a bench directory holds
+one layout or the other). bench.md's intervals (95 % bootstrap, from each cell's predictions): AP over the
+test examples with orders and seeds fixed, and over orders, seeds and test examples (hierarchical); every
+two methods' paired difference, marked resolved or not, with the test examples per task that would
+resolve it."""
+
+
+class _ReportTo(argparse.Action):
+    """`run --report-to NAME[,NAME...]` (repeatable; `none`: no tracker) as the override
+    tracking.report_to=[every name given so far], so it reaches the config, config.yaml and --resume's
+    check like any --set (and replaces the config file's list, as a later --set would)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        from .config import TRACKERS
+
+        names = [name.strip() for name in str(values).split(",") if name.strip()]
+        for name in names:
+            if name not in (*TRACKERS, "none"):
+                parser.error(f"argument --report-to: unknown tracker {name!r} (choose from "
+                             f"{', '.join(TRACKERS)}, or none)")  # fmt: skip
+        chosen = list(getattr(namespace, self.dest))
+        for name in names:
+            chosen = [] if name == "none" else [*chosen, name]
+        setattr(namespace, self.dest, chosen)
+        namespace.overrides = [*namespace.overrides, f"tracking.report_to={chosen}"]
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +90,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="run a continual-learning sequence from a YAML config",
         description="Train on each task of a sequence in turn with a continual-learning method, evaluate on "
         "every task after each one (eval.matrix=metrics: only on those the metrics read), and write a run "
-        "directory (config.yaml, results.json, report.md, matrix.png, adapter/, tasks/).",
+        "directory (config.yaml, results.json, report.md, matrix.png, loss.png, adapter/, tasks/; tracking/ "
+        "with --report-to).",
         epilog="Any config key can be set with --set, e.g. --set model.name=tiny-random-llama "
         "--set lora.r=16 --set benchmark.order=order2 --set method.merge=A_and_B",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,7 +111,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --output after its last finished task (config: that run's config.yaml; "
-        "a config given again must match it but in output_dir, model.cache_dir and eval.matrix)",
+        "a config given again must match it but in output_dir, model.cache_dir, eval.matrix and tracking.*)",
+    )
+    p.add_argument(
+        "--report-to",
+        dest="report_to",
+        action=_ReportTo,
+        default=[],
+        metavar="TRACKER",
+        help="also log to experiment trackers: tensorboard, wandb, mlflow, trackio (repeatable or "
+        "comma-separated; none: no tracker); sets tracking.report_to; logs go under RUN_DIR/tracking/",
     )
     p.set_defaults(handler=_cmd_run)
 
@@ -312,6 +349,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="what --tune selects on: only 'validation' (the default), a split carved from the training data",
     )
     p.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="repeat every cell at each train.seed (cells in DIR/<method>/<order>/seed-<s>/); the intervals "
+        "then resample seeds as well as orders and test examples",
+    )
+    p.add_argument(
         "--report-only",
         metavar="DIR",
         help="run nothing: rebuild bench.md / .csv / .png from the cells already in DIR",
@@ -335,7 +378,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 overrides.append(f"benchmark.{key}={cap}")
         cells = run_grid(
             args.config, args.methods, args.orders, overrides, args.output, args.label, args.jobs,
-            args.tune, args.select_on,
+            args.tune, args.select_on, args.seeds,
         )
     failed = [c.where for c in cells if c.status == "failed"]
     if failed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,6 +32,9 @@ MAX_EPOCHS = 10_000
 METRIC_NAMES = Literal[
     "exact_match", "rouge_l", "trace_accuracy", "trace_rouge_l", "trace_edit_similarity", "trace_sari"
 ]
+# The experiment trackers a run can log to, through accelerate.tracking (see loracl.engine.tracking).
+TRACKER_NAMES = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+TRACKERS: tuple[str, ...] = get_args(TRACKER_NAMES)
 
 
 class _Section(BaseModel):
@@ -129,6 +132,11 @@ class TrainSection(_Section):
     )
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; null disables")
     seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="random seed, 0 <= seed < 2**32")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them: less memory for long sequences, about a third more compute per step; same results",
+    )
 
 
 class EvalSection(_Section):
@@ -157,6 +165,34 @@ class EvalSection(_Section):
     )
 
 
+class TrackingSection(_Section):
+    report_to: list[TRACKER_NAMES] = Field(
+        default_factory=list,
+        description="experiment trackers to log to (tensorboard, wandb, mlflow, trackio), under "
+        "<run>/tracking/: per optimizer step loss, lr, grad_norm, tokens/s; per task the scores and the "
+        "running AP",
+    )
+    project: str = Field(
+        "loracl", min_length=1, description="wandb / trackio project, mlflow experiment (tensorboard: unused)"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # `--set tracking.report_to=tensorboard,wandb` is a YAML string, not a list: take it as the list it
+        # names; an empty value (`report_to:`, `--set tracking.report_to=`) is no tracker
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _distinct_trackers(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))  # a tracker named twice logs once
+
+
 class RunConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -164,6 +200,7 @@ class RunConfig(_Section):
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     output_dir: str | None = Field(None, description="run directory (default runs/<method>-<time>)")
 
     @field_validator("method", mode="before")

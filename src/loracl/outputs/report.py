@@ -1,12 +1,17 @@
-"""Run outputs for people: the Markdown report and the accuracy-matrix heatmap."""
+"""Run outputs for people: the Markdown report, the accuracy-matrix heatmap and the training-loss curves."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from loracl.engine.metrics import is_complete
+from loracl.files import UnsafeFileError, read_text_limited
+
+LOSS_PLOT = "loss.png"  # in the run directory, beside report.md
+TRAIN_LOG = "train_log.jsonl"  # in each training step's folder tasks/<i>-<task>/ (tasks/joint/ for mtl)
 
 
 def _fmt(value: float | None) -> str:
@@ -146,7 +151,20 @@ def split_line(results: dict[str, Any]) -> str:
     )
 
 
-def write_report(results: dict[str, Any], path: Path) -> None:
+def loss_section(loss_plot: str | None) -> str:
+    if loss_plot is None:
+        return ""
+    return (
+        "\n## Training loss\n\n"
+        "Loss of every training step (cross-entropy of the answer tokens), the tasks one after the other; "
+        "dashed, right axis: the learning rate at each optimizer step. Per step in "
+        f"`tasks/<i>-<task>/{TRAIN_LOG}`.\n\n"
+        f"![training loss]({loss_plot})\n"
+    )
+
+
+def write_report(results: dict[str, Any], path: Path, loss_plot: str | None = None) -> None:
+    """report.md; `loss_plot`: the loss curves' file name beside it, None when there is none (no training)."""
     m = results["metrics"]
     per_task = results["per_task"]
     split = "validation" if results.get("eval_split") == "validation" else "test"
@@ -194,7 +212,7 @@ FWT = score on the next task before training on it, minus the base model's; see 
 | task | train ex. | {split} ex. | train s | eval s | train tok/s | final loss | adapter | adapters |
 |---|---|---|---|---|---|---|---|---|
 {rows}
-{details}
+{details}{loss_section(loss_plot)}
 Total: train {results["timings"]["train_total"]:.0f} s, eval {results["timings"]["eval_total"]:.0f} s,
 wall {results["timings"]["wall"]:.0f} s on `{results["device"]}`.
 The final adapter is in `adapter/` (stock PEFT format).
@@ -241,3 +259,70 @@ def plot_matrix(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def train_log_folder(results: dict[str, Any], index: int) -> str:
+    """The folder, under tasks/, of training step `index` (0-based): where the run wrote its train_log."""
+    if results.get("matrix_rows") == "final_model":
+        return "joint"
+    return f"{index + 1}-{results['per_task'][index]['task']}"
+
+
+def training_curves(results: dict[str, Any], run_dir: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, train_log records) of every training step that trained and left a readable log, read from
+    the run directory (so a report can be rebuilt from the folder alone). A missing or damaged log only
+    leaves its task out of the plot: the report is no place to fail a finished run."""
+    curves = []
+    for i, task in enumerate(results["per_task"]):
+        if not task.get("train_steps"):
+            continue
+        path = run_dir / "tasks" / train_log_folder(results, i) / TRAIN_LOG
+        try:
+            records = [json.loads(line) for line in read_text_limited(path).splitlines() if line.strip()]
+            if not all(isinstance(r, dict) and isinstance(r.get("loss"), int | float) for r in records):
+                continue
+        except (OSError, UnsafeFileError, ValueError):
+            continue
+        if records:
+            curves.append((f"{i + 1}. {task['task']}", records))
+    return curves
+
+
+def plot_losses(results: dict[str, Any], run_dir: Path, path: Path) -> bool:
+    """The training loss per step, every task's curve after the previous one's on one step axis (so the
+    jumps at task changes show), the learning rate on a second axis; False, and no file (an older one is
+    removed), when nothing was trained."""
+    curves = training_curves(results, run_dir)
+    if not curves:
+        path.unlink(missing_ok=True)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    lr_axis = ax.twinx()
+    offset = 0
+    for k, (label, records) in enumerate(curves):
+        color = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")(k % 20)
+        steps = list(range(offset + 1, offset + len(records) + 1))
+        ax.plot(steps, [r["loss"] for r in records], color=color, linewidth=1, label=label)
+        updates = [(s, r["lr"]) for s, r in zip(steps, records, strict=True) if r.get("lr") is not None]
+        if updates:
+            lr_axis.plot(*zip(*updates, strict=True), color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+        if offset:
+            ax.axvline(offset + 0.5, color="grey", linewidth=0.5, linestyle=":")
+        offset += len(records)
+    ax.set_xlabel("training step (tasks in sequence)")
+    ax.set_ylabel("loss")
+    lr_axis.set_ylim(bottom=0)  # from 0: a constant rate is a flat line, not noise around an offset
+    lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lr_axis.set_ylabel("learning rate", color="grey")
+    lr_axis.tick_params(axis="y", colors="grey")
+    ax.set_title(f"{results['method']}: training loss per step")
+    ax.legend(fontsize=7, ncol=1 + len(curves) // 8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,8 +1,10 @@
 """The recipe: wire config, data, model, method, training loop and evaluation into one continual run.
 
-Run directory (other tools rely on it): config.yaml, results.json, report.md, matrix.png, adapter/ (final
-adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts written by the method, and checkpoint/
-(the state after the last finished task, for `--resume`; see loracl.recipes.checkpoint).
+Run directory (other tools rely on it): config.yaml, results.json, report.md, matrix.png, loss.png (when
+anything was trained), adapter/ (final adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts
+(train_log.jsonl, predictions.jsonl, the method's files), checkpoint/ (the state after the last finished
+task, for `--resume`; see loracl.recipes.checkpoint) and, with `tracking.report_to`, tracking/ (the
+experiment trackers' files; see loracl.engine.tracking).
 
 Reproducibility: the global random generators are re-seeded from (seed, task index) before each task, so
 a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
@@ -34,6 +36,7 @@ from loracl.engine import distributed
 from loracl.engine.evaluation import TaskResult, make_evaluator
 from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
 from loracl.engine.metrics import all_metrics, other_conventions
+from loracl.engine.tracking import Tracking, check_installed
 from loracl.engine.training import NonFiniteTraining, TrainStats, train_task
 from loracl.errors import CheckpointError, ConfigError, RunInterrupted
 from loracl.files import (
@@ -51,7 +54,15 @@ from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model
 from loracl.models.lora import check_lora_targets
 from loracl.outputs.provenance import data_files, model_card, provenance
-from loracl.outputs.report import matrix_entry, matrix_table, metrics_line, plot_matrix, write_report
+from loracl.outputs.report import (
+    LOSS_PLOT,
+    matrix_entry,
+    matrix_table,
+    metrics_line,
+    plot_losses,
+    plot_matrix,
+    write_report,
+)
 from loracl.outputs.show import PREDICTIONS  # in tasks/<i>-<task>/: the evaluation after task i
 from loracl.recipes.checkpoint import (
     CHECKPOINT_DIR,
@@ -64,8 +75,17 @@ from loracl.recipes.checkpoint import (
 from loracl.recipes.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
-# picks which entries of the accuracy matrix are evaluated, not what they score).
-HARMLESS_KEYS = ("output_dir", "model.cache_dir", "eval.matrix")
+# picks which entries of the accuracy matrix are evaluated, not what they score; tracking.* only where the
+# numbers are also sent; gradient checkpointing recomputes activations and gives the same gradients,
+# tests/test_gradient_checkpointing.py).
+HARMLESS_KEYS = (
+    "output_dir",
+    "model.cache_dir",
+    "eval.matrix",
+    "tracking.report_to",
+    "tracking.project",
+    "train.gradient_checkpointing",
+)
 DATA_SUFFIXES = (".json", ".jsonl")  # the files of a task folder provenance() hashes
 
 
@@ -218,6 +238,24 @@ class ContinualRun:
         self.model = self.method.prepare_model(self.loaded.model)
         self.results = self._empty_results()
         self.config_digest = config_hash(result_relevant_config(self.config))
+        self.tracking = Tracking([], self.run_dir, "", {})  # none until start_tracking
+
+    def start_tracking(self) -> None:
+        """Start the experiment trackers of `tracking.report_to` (main process), their global step after the
+        optimizer steps of the tasks already finished (a resumed run continues its curves)."""
+        names = self.config.tracking.report_to if distributed.is_main() else []
+        if not names:
+            return
+        accum = self.config.train.grad_accum
+        done = sum(-(-t["train_steps"] // accum) for t in self.results["per_task"])  # as train_task counts
+        hparams = _flatten(self.config.model_dump(mode="json"))
+        try:
+            self.tracking = Tracking(names, self.run_dir, self.config.tracking.project, hparams, step=done)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}; nothing was trained: once fixed (or with another --report-to), run again with "
+                f"loracl run --resume --output {self.run_dir}"
+            ) from exc
 
     @property
     def finished(self) -> int:
@@ -254,7 +292,8 @@ class ContinualRun:
             ) from exc
 
     def release(self) -> None:
-        """Drop the run directory's lock (the run is over, finished or not)."""
+        """Close the trackers and drop the run directory's lock (the run is over, finished or not)."""
+        self.tracking.finish()
         if self.lock is not None:
             self.lock.release()
 
@@ -369,6 +408,7 @@ class ContinualRun:
         self.results["zero_shot"] = scores
         self.results["zero_shot_from_cache"] = cached is not None
         self.results["timings"]["zero_shot_eval"] = seconds
+        self.tracking.log_zero_shot([t.name for t in self.tasks], scores)
         say(f"zero-shot: {' '.join(f'{s:.1f}' for s in scores)}  ({source})")
 
     def context(self, index: int, task: Task, folder: str) -> TaskContext:
@@ -424,6 +464,7 @@ class ContinualRun:
         T = len(self.tasks)
         ctx = self.context(index, task, f"{index}-{task.name}")
         stats = self.train(ctx, f"task {index}/{T} {task.name}") if self.method.trains else None
+        evaluated_now = True
         if self.method.trains:
             scores, eval_seconds = self.evaluate_all(f"eval after {task.name}", self.tasks_to_evaluate(index))
             self.write_predictions(ctx.task_dir)
@@ -432,7 +473,9 @@ class ContinualRun:
             self.write_predictions(ctx.task_dir)
         else:
             scores, eval_seconds = list(self.results["matrix"][-1]), 0.0
+            evaluated_now = False
         self.results["matrix"].append(scores)
+        self.track(stats, scores if evaluated_now else None, learnt=index)
         evaluated = len(self.evaluator.examples(task))
         self.record(f"[{index}/{T}]", task.name, len(task.train), evaluated, stats, scores, eval_seconds)
 
@@ -448,8 +491,18 @@ class ContinualRun:
         scores, eval_seconds = self.evaluate_all("eval after joint training")
         self.write_predictions(ctx.task_dir)
         self.results["matrix"] = [list(scores) for _ in self.tasks]
+        self.track(stats, scores, learnt=len(self.tasks))
         evaluated = sum(len(self.evaluator.examples(t)) for t in self.tasks)
         self.record("[joint]", f"joint ({names})", len(union), evaluated, stats, scores, eval_seconds)
+
+    def track(self, stats: TrainStats | None, scores: list[float | None] | None, learnt: int) -> None:
+        """Send a finished training step to the trackers: its optimizer steps, then the scores after it
+        (None: the row only repeats an untrained model's) and the running AP over the `learnt` first tasks.
+        Sent with the step's record, just before its checkpoint, so a resumed run sends no step twice."""
+        if stats is not None:
+            self.tracking.log_training(stats.log)
+        if scores is not None:
+            self.tracking.log_evaluation([t.name for t in self.tasks], scores, learnt)
 
     def record(
         self,
@@ -555,14 +608,16 @@ class ContinualRun:
         t["eval_total"] = sum(t["eval"]) + t["zero_shot_eval"]
         t["wall"] = wall_seconds
         r["complete"] = True
+        self.tracking.log_metrics(r["metrics"])
         distributed.on_main(lambda: self.write_outputs(r))  # the others leave once the directory is complete
         return r
 
     def write_outputs(self, results: dict[str, Any]) -> None:
         card = model_card(results, self.loaded.path)  # over PEFT's empty template
         (self.run_dir / "adapter" / "README.md").write_text(card, encoding="utf-8")
-        write_report(results, self.run_dir / "report.md")
         plot_matrix(results, self.run_dir / "matrix.png")
+        has_loss = plot_losses(results, self.run_dir, self.run_dir / LOSS_PLOT)  # from the train logs
+        write_report(results, self.run_dir / "report.md", LOSS_PLOT if has_loss else None)
         write_json_atomic(results, self.run_dir / "results.json")  # last: "complete" means all is there
 
 
@@ -662,6 +717,7 @@ def run(
         cl.zero_shot_cache = zero_shot_cache
         if resume:
             cl.resume()
+        cl.start_tracking()
         return cl.run_all(start)
     finally:
         cl.release()
@@ -677,6 +733,7 @@ def prepare_run(
     before the run directory is emptied or written, so bad input never leaves a half-written run behind,
     nor destroys what was there."""
     distributed.init()
+    check_installed(config.tracking.report_to)  # a missing tracker package: refused before any loading
     method = create_method(config.method.name, config.method_options(), config.lora)
     tasks = load_tasks(config)  # also names the benchmark detected from the data folder, for config.yaml
     run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
