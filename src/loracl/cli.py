@@ -7,9 +7,15 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import LoraclError, RunInterrupted
+from .errors import ConfigError, LoraclError, RunInterrupted
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from .methods.catalog import MethodSpec
 
 EPILOG = """examples:
   loracl run configs/demo.yaml
@@ -21,6 +27,7 @@ EPILOG = """examples:
   loracl predict runs/tiny "Classify the topic: ... Answer:"
   loracl bench configs/demo.yaml --methods slao,seq_lora --orders order1,order2,order3
   loracl methods
+  loracl methods slao                             # one method's options: types, defaults, meaning
   loracl benchmarks
   loracl data check ../shared/data/cl_benchmark --order order4"""
 
@@ -212,8 +219,6 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
     from loracl.data.check import detect_benchmark
     from loracl.outputs.deploy import assignment
 
-    from .errors import ConfigError
-
     overrides = list(args.overrides)
     if args.benchmark is not None:
         overrides.append(assignment("benchmark.name", args.benchmark))
@@ -275,8 +280,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from loracl.engine.distributed import is_main
     from loracl.outputs.deploy import predict, read_prompts, resolve_source
-
-    from .errors import ConfigError
 
     prompts = list(args.prompt) + (read_prompts(Path(args.file)) if args.file else [])
     if not prompts:
@@ -365,8 +368,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from loracl.recipes.bench import run_grid, write_bench_report
 
-    from .errors import ConfigError
-
     if args.report_only:
         cells = write_bench_report(args.report_only)
     else:
@@ -388,18 +389,96 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import available_methods
+    # The catalog, not the implementations: listing methods imports neither torch nor transformers.
+    from .methods.catalog import CATALOG, unknown_method
 
-    methods = available_methods()
-    width = max(len(name) for name in methods) + 1
-    for name, cls in methods.items():
-        options = ", ".join(cls.Options.model_fields) or "-"
-        print(f"{name:<{width}} {cls.summary}")
-        print(
-            f"{'':<{width}} data-free: {'yes' if cls.data_free else 'no'}; memory in T: {cls.memory_growth}; "
-            f"options: {options}"
-        )
+    if args.name is not None:
+        if args.name not in CATALOG:
+            raise ConfigError(unknown_method(args.name, CATALOG))
+        print(printable(_method_details(CATALOG[args.name]), sys.stdout))
+        return 0
+    width = max(len(name) for name in CATALOG) + 1
+    lines = []
+    for name, spec in CATALOG.items():
+        options = ", ".join(spec.options.model_fields) or "-"
+        lines.append(f"{name:<{width}} {spec.summary}")
+        data_free = "yes" if spec.data_free else "no"
+        growth = spec.memory_growth
+        lines.append(f"{'':<{width}} data-free: {data_free}; memory in T: {growth}; options: {options}")
+    lines.append("\nloracl methods NAME: one method's options, with their types, defaults and meaning.")
+    print(printable("\n".join(lines), sys.stdout))
     return 0
+
+
+def _method_details(spec: MethodSpec) -> str:
+    """`loracl methods NAME`: the method's metadata and each option's type, default and description."""
+    lines = [
+        f"{spec.name}: {spec.summary}",
+        f"role: {spec.role.replace('_', ' ')}; data-free: {'yes' if spec.data_free else 'no'}; "
+        f"memory in T: {spec.memory_growth}",
+    ]
+    if not spec.trains:
+        lines.append("training: none (the base model is evaluated once)")
+    elif spec.joint_training:
+        lines.append("training: once, on the union of every task's data (only AP is defined)")
+    if spec.merge_obstacle:
+        lines.append(f"export --merge: refused ({spec.merge_obstacle})")
+    fields = spec.options.model_fields
+    if not fields:
+        lines.append("options: none")
+        return "\n".join(lines)
+    where = f"method.KEY in a config, --set method.KEY=VALUE, bench --methods {spec.name}:KEY=VALUE"
+    lines.append(f"options ({where}):")
+    for key, field in fields.items():
+        lines.append(f"  {key}: {_option_type(field)} (default: {_option_default(field)})")
+        if field.description:
+            lines.append(
+                textwrap.fill(field.description, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            )
+    return "\n".join(lines)
+
+
+def _option_type(field: FieldInfo) -> str:
+    """A pydantic field's type as a user writes its value: `float in (0, 1]`, `int > 0 or null`,
+    `B | A_and_B | A | none` (the choices of a Literal)."""
+    import types
+    import typing
+
+    from annotated_types import Ge, Gt, Le, Lt
+
+    def plain(annotation) -> str:
+        if typing.get_origin(annotation) is typing.Literal:
+            return " | ".join(str(choice) for choice in typing.get_args(annotation))
+        return getattr(annotation, "__name__", str(annotation))
+
+    union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(field.annotation) if union else (field.annotation,)
+    text = " or ".join(plain(member) for member in members if member is not type(None))
+    lower = upper = None
+    for bound in field.metadata:
+        if isinstance(bound, Gt | Ge):
+            lower = ("(", bound.gt) if isinstance(bound, Gt) else ("[", bound.ge)
+        elif isinstance(bound, Lt | Le):
+            upper = (bound.lt, ")") if isinstance(bound, Lt) else (bound.le, "]")
+    if lower and upper:
+        text += f" in {lower[0]}{lower[1]}, {upper[0]}{upper[1]}"
+    elif lower:
+        text += f" {'>' if lower[0] == '(' else '>='} {lower[1]}"
+    elif upper:
+        text += f" {'<' if upper[1] == ')' else '<='} {upper[0]}"
+    return f"{text} or null" if type(None) in members else text
+
+
+def _option_default(field: FieldInfo) -> str:
+    """A field's default as YAML would spell it (null, true, 0.57735)."""
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if len(repr(value)) <= 8 else f"{value:.6g}"
+    return str(value)
 
 
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
@@ -515,12 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_predict(sub)
     _add_bench(sub)
-    sub.add_parser(
+    methods = sub.add_parser(
         "methods",
-        help="list the continual-learning methods",
-        description="List every registered method: what it does, whether it is data-free and "
-        "how its memory grows with the number of tasks.",
-    ).set_defaults(handler=_cmd_methods)
+        help="list the continual-learning methods, or one method's options",
+        description="List every method: what it does, whether it is data-free, how its memory grows with the "
+        "number of tasks and its options. With NAME, that method's role and each option's type, default and "
+        "meaning.",
+        epilog="examples:\n  loracl methods\n  loracl methods slao",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    methods.add_argument("name", nargs="?", metavar="NAME", help="a method (e.g. slao): show its options")
+    methods.set_defaults(handler=_cmd_methods)
     sub.add_parser(
         "benchmarks",
         help="list benchmarks and task orders",

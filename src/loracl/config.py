@@ -45,8 +45,8 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = Field(
         "smollm2-135m",
-        description="'smollm2-135m' (embedded default), 'tiny-random-llama', a Hugging Face id or local "
-        "directory, or a .gguf file",
+        description="'smollm2-135m' (embedded default), 'tiny-random-llama', 'tiny-random-t5', a Hugging "
+        "Face id or local directory (decoder-only or encoder-decoder, e.g. T5 / Flan-T5), or a .gguf file",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype of the frozen base model; auto = bfloat16 on CUDA, float32 on CPU"
@@ -60,7 +60,12 @@ class LoraSection(_Section):
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scaling is alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="layers to adapt; the default names the attention's query and value projections "
+        "(on a T5-style model: q, v); [all-linear]: every linear layer but the output head",
+    )
 
     @field_validator("target_modules")
     @classmethod

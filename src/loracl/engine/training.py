@@ -1,7 +1,9 @@
 """The training loop shared by every method. It knows no method by name: it calls the method's hooks.
 
 Loss: causal-LM cross-entropy on the answer tokens only (prompt tokens masked). The LM head is applied only
-at the answer positions, which saves the vocabulary projection of every prompt token.
+at the answer positions, which saves the vocabulary projection of every prompt token. An encoder-decoder
+(T5) reads the prompt in its encoder and is scored on its decoder's targets, the answer and eos (teacher
+forcing, decoder inputs = the targets shifted right): the prompt is never among the labels.
 
 With `train.gradient_checkpointing` the decoder layers keep only their inputs in the forward pass and run
 again in the backward pass (transformers' activation checkpointing, non-reentrant), for every method alike.
@@ -68,7 +70,10 @@ def length_bucketed_batches(
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels = -100 on prompt and padding positions."""
+    """Right-padded batch with labels = -100 on prompt and padding positions (an encoder-decoder's
+    examples: `collate_seq2seq`)."""
+    if any(e.seq2seq for e in encoded):
+        return collate_seq2seq(encoded, pad_id, device)
     width = max(len(e.input_ids) for e in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
@@ -82,8 +87,70 @@ def collate(encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def collate_seq2seq(encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's batch: `input_ids` and `attention_mask` the encoder's (the prompts, right-padded),
+    `labels` the decoder's targets (answer + eos, padded with -100), `decoder_attention_mask` 1 on them.
+    `decoder_attention_mask` also tells a seq2seq batch from a decoder-only one (`is_seq2seq_batch`)."""
+    prompts = [e.input_ids[: e.prompt_len] for e in encoded]
+    answers = [e.input_ids[e.prompt_len :] for e in encoded]
+    width, targets = max(map(len, prompts)), max(max(map(len, answers)), 1)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), targets), IGNORE, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        attention[row, : len(prompt)] = 1
+        labels[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "decoder_attention_mask": (labels != IGNORE).long(),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def is_seq2seq_batch(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether `batch` is an encoder-decoder's (collate_seq2seq): labels are the decoder's, not input_ids'."""
+    return "decoder_attention_mask" in batch
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether `model` (a transformers model, or a PeftModel around one) is an encoder-decoder."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_inputs(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder's decoder input ids for `labels`: the targets shifted right behind the decoder
+    start token, -100 replaced by the pad id (the model's own `prepare_decoder_input_ids_from_labels`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
+def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where the predictions that carry loss are: a decoder-only model predicts the token at t + 1 from
+    position t (labels[:, 1:]), an encoder-decoder its targets in place."""
+    targets = batch["labels"] if is_seq2seq_batch(batch) else batch["labels"][:, 1:]
+    return targets != IGNORE
+
+
+def _seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch["labels"]
+    mask = labels != IGNORE
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=decoder_inputs(model, labels),
+        use_cache=False,
+    ).logits
+    return F.cross_entropy(logits[mask].float(), labels[mask])
+
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens given everything before them."""
+    """Mean cross-entropy of the answer tokens given everything before them (an encoder-decoder: given
+    the prompt in the encoder and the answer tokens before them in the decoder)."""
+    if is_seq2seq_batch(batch):
+        return _seq2seq_loss(model, batch)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
@@ -100,8 +167,9 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 
 def answer_tokens(examples: Sequence[Encoded]) -> int:
-    """Tokens that carry loss: the answer tokens (each is predicted from the position before it)."""
-    return sum(len(e.input_ids) - max(e.prompt_len, 1) for e in examples)
+    """Tokens that carry loss: the answer tokens (each is predicted from the position before it; in an
+    encoder-decoder every one, the first from the decoder start token)."""
+    return sum(len(e.input_ids) - (e.prompt_len if e.seq2seq else max(e.prompt_len, 1)) for e in examples)
 
 
 @contextlib.contextmanager

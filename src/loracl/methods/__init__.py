@@ -1,34 +1,36 @@
-"""Continual-learning methods: one module per method, each registered on import."""
+"""Continual-learning methods: one module per method, each declared in `catalog` (torch-free metadata and
+Options) and imported only when used (`method_class`, `create_method`).
 
-from . import (  # noqa: F401  (registration side effects)
-    agem,
-    ewc,
-    gainlora,
-    gpm,
-    inc_lora,
-    inflora,
-    magmax,
-    mtl,
-    olora,
-    replay,
-    seq_lora,
-    slao,
-    task_arithmetic,
-    ties,
-    zero_shot,
-)
-from .base import (
-    ContinualMethod,
-    MethodOptions,
-    available_methods,
-    create_method,
-    method_class,
-    register,
-)
+Importing this package imports no torch: the names that need it (`ContinualMethod` and the registry of
+`base`) are loaded on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .catalog import CATALOG, MethodSpec
+from .options import MethodOptions
+
+if TYPE_CHECKING:
+    from .base import ContinualMethod, available_methods, create_method, method_class, register
+
+_FROM_BASE = ("ContinualMethod", "available_methods", "create_method", "method_class", "register")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "CATALOG",
     "ContinualMethod",
     "MethodOptions",
+    "MethodSpec",
     "available_methods",
     "create_method",
     "method_class",

@@ -58,32 +58,29 @@ import contextlib
 import difflib
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from transformers import PreTrainedModel
 
 from loracl.data.text import Encoded
+from loracl.methods.catalog import CATALOG, Role, unknown_method
 from loracl.methods.context import TaskContext
+from loracl.methods.options import MethodOptions
 from loracl.models.lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
 from loracl.models.multi_lora import MANIFEST, short
 
 from ..config import LoraSection
 from ..errors import CheckpointError, ConfigError, RunFolderError
 
-Role = Literal["continual", "upper_bound", "reference"]
-
-
-class MethodOptions(BaseModel):
-    """Options of a method (the `method:` section of a config, less `name`). Unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a nan option would fail mid-run
-
 
 class ContinualMethod:
-    """A continual-learning method expressed as hooks around one shared training loop."""
+    """A continual-learning method expressed as hooks around one shared training loop.
+
+    A method is also declared in loracl.methods.catalog (its metadata below, its Options class and where its
+    implementation lives), which `loracl methods` and the registry read without importing torch."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `loracl methods`
@@ -201,6 +198,9 @@ class ContinualMethod:
         return 0
 
 
+# The methods whose modules have been imported (each class registers itself). The names a user can give are
+# those of the catalog (loracl.methods.catalog), whose implementations are imported on first use, plus any
+# class registered at run time.
 _REGISTRY: dict[str, type[ContinualMethod]] = {}
 
 
@@ -213,16 +213,18 @@ def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
 
 
 def available_methods() -> dict[str, type[ContinualMethod]]:
+    """Every method by name, each implementation imported (torch and all; the catalog lists them without)."""
+    for spec in CATALOG.values():
+        spec.load()
     return dict(sorted(_REGISTRY.items()))
 
 
 def method_class(name: str) -> type[ContinualMethod]:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"method.name: unknown method {name!r}{hint}; known: {known}")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in CATALOG:
+        return CATALOG[name].load()
+    raise ConfigError(f"method.name: {unknown_method(name, [*CATALOG, *_REGISTRY])}")
 
 
 def create_method(name: str, options: dict[str, Any], lora: LoraSection) -> ContinualMethod:

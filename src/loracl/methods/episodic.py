@@ -12,22 +12,14 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import Field
 
 from loracl.data.text import Encoded
 from loracl.methods.context import TaskContext
 from loracl.methods.memory import ReservoirMemory
 
 from ..config import LoraSection
-from .base import ContinualMethod, MethodOptions
-
-
-class MemoryOptions(MethodOptions):
-    # No canonical size for LLM task sequences; a small episodic memory as in ER / A-GEM (Chaudhry et al.).
-    memory_size: int = Field(200, gt=0, description="examples kept from all past tasks (reservoir)")
-    memory_batch_size: int | None = Field(
-        None, gt=0, description="examples drawn from the memory per training step (default: train.batch_size)"
-    )
+from .base import ContinualMethod
+from .options import MemoryOptions  # torch-free, so that `loracl methods` can list them
 
 
 class EpisodicMemoryMethod(ContinualMethod):

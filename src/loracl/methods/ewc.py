@@ -13,25 +13,18 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import Field
 
-from loracl.engine.training import IGNORE, answer_loss
+from loracl.engine.training import answer_loss, target_mask
 from loracl.methods.context import TaskContext
 
 from ..config import LoraSection
-from .base import ContinualMethod, MethodOptions, register
-
-
-class EWCOptions(MethodOptions):
-    # λ = 1 weighs the Laplace approximation of the old tasks' per-example log-likelihood as the Bayesian
-    # derivation does; the literature tunes λ per benchmark, so it is an option.
-    lam: float = Field(1.0, ge=0, description="penalty strength λ in (λ/2) Σ F (θ − θ*)²")
-    fisher_samples: int = Field(200, gt=0, description="examples per finished task used for its Fisher")
+from .base import ContinualMethod, register
+from .options import EWCOptions  # torch-free, so that `loracl methods` can list them
 
 
 def example_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p(answer | prompt) of a one-example batch: minus the summed cross-entropy of its answer tokens."""
-    tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+    tokens = target_mask(batch).sum()
     return -answer_loss(model, batch) * tokens
 
 

@@ -24,6 +24,11 @@ example by g_j. During KV-cache generation later steps see one token only, so th
 prompt on the first forward are reused for the rest of that generate call. In training and statistics
 passes `step_context` hands the gates the batch's prompt mask (labels == -100 on real tokens), so the gate
 sees exactly the prompt, as in generation.
+
+On an encoder-decoder (T5, as the authors' `t5_large.py`) the pre-hook sits on the encoder: p(x) is the
+mean of the encoder's input embeddings over its attention mask (the prompt is all the encoder reads), and
+the gates scale the branches of both stacks. Generation runs the encoder once per generate call, so the
+gates it computes there serve every decoding step.
 """
 
 from __future__ import annotations
@@ -31,23 +36,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
 from loracl.engine import distributed
-from loracl.engine.training import IGNORE
+from loracl.engine.training import IGNORE, is_encoder_decoder, is_seq2seq_batch
 from loracl.errors import AdapterMismatchError, RunFolderError
 from loracl.methods.context import TaskContext
 from loracl.models.multi_lora import MANIFEST, layer_map, read_tensors, short, task_adapter, task_adapters
 from loracl.models.subspace import (
-    DUAL_GPM_THRESHOLD,
-    BasisRule,
     basis_nbytes,
     complement_directions,
     vector_gram,
@@ -55,8 +57,9 @@ from loracl.models.subspace import (
 
 from .base import register
 from .inc_lora import IncLoRA
-from .inflora import InfLoRA, InfLoRAOptions
+from .inflora import InfLoRA
 from .olora import olora_loss
+from .options import GainLoRAOptions  # torch-free, so that `loracl methods` can list them
 
 GATES_FILE = "gates.safetensors"
 ATTRIBUTE = "loracl_gates"  # the GateBank is registered on the PeftModel under this name
@@ -127,9 +130,11 @@ class GateBank(nn.Module):
 
     # -- hooks on the model ---------------------------------------------------------------------
     def install(self, model: PeftModel) -> None:
-        """Register the decoder pre-hook computing g(x) and a scaling hook on every branch present."""
-        decoder = model.get_base_model().get_decoder()
-        embed = model.get_base_model().get_input_embeddings()
+        """Register the pre-hook computing g(x), on the decoder (the encoder of an encoder-decoder), and a
+        scaling hook on every branch present."""
+        base = model.get_base_model()
+        first = base.get_encoder() if is_encoder_decoder(base) else base.get_decoder()
+        embed = base.get_input_embeddings()
 
         def pre_hook(_module, args, kwargs):
             cache = kwargs.get("past_key_values")
@@ -145,7 +150,7 @@ class GateBank(nn.Module):
             if self.recorded is not None:
                 self.recorded.append(self.current.detach())
 
-        self._handles.append(decoder.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._handles.append(first.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for j, name in enumerate(task_adapters(model)[: len(self.mlps)]):
             self.hook_branch(model, j, name)
 
@@ -173,26 +178,11 @@ class GateBank(nn.Module):
 
 
 def prompt_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real tokens that carry no loss: the prompt (collate() puts -100 on prompt and padding)."""
+    """Real tokens that carry no loss: the prompt (collate() puts -100 on prompt and padding); in an
+    encoder-decoder's batch, the encoder's input (its attention mask)."""
+    if is_seq2seq_batch(batch):
+        return batch["attention_mask"].bool()
     return (batch["labels"] == IGNORE) & batch["attention_mask"].bool()
-
-
-class GainLoRAOptions(InfLoRAOptions):
-    branch: Literal["inflora", "olora"] = "inflora"
-    gate_hidden: int = Field(100, gt=0, description="hidden width of each gate's MLP (authors' code)")
-    gate_threshold: float = Field(
-        DUAL_GPM_THRESHOLD, gt=0, le=1, description="epsilon_0 of the gates' bases (authors' transthreshold)"
-    )
-    keep_row_norms: bool = Field(
-        True,
-        description="rescale each projected row of W1, W2 and the key to its norm after the step "
-        "(authors' code)",
-    )
-    lambda1: float = Field(0.5, description="O-LoRA branch only")
-    lambda2: float = Field(0.0, description="O-LoRA branch only")
-
-    def gate_rule(self) -> BasisRule:
-        return BasisRule("dual_gpm", self.gate_threshold, tasks=self.threshold_tasks)
 
 
 def project_update(

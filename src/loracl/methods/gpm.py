@@ -18,14 +18,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import Field
 
 from loracl.methods.context import TaskContext
 from loracl.models.lora import lora_layers
 from loracl.models.subspace import (
-    GPM_THRESHOLD,
-    GPM_THRESHOLD_STEP,
-    BasisRule,
     basis_info,
     basis_nbytes,
     collect_input_grams,
@@ -33,16 +29,8 @@ from loracl.models.subspace import (
     warn_few_free_directions,
 )
 
-from .base import ContinualMethod, MethodOptions, register
-
-
-class GPMOptions(MethodOptions):
-    threshold: float = Field(GPM_THRESHOLD, gt=0, le=1, description="GPM's epsilon for task 1")
-    threshold_step: float = Field(GPM_THRESHOLD_STEP, ge=0, description="its rise per task (capped at 1)")
-    max_examples: int = Field(125, gt=0, description="training examples giving the inputs (GPM: 125)")
-
-    def basis_rule(self) -> BasisRule:
-        return BasisRule("gpm", self.threshold, step=self.threshold_step)
+from .base import ContinualMethod, register
+from .options import GPMOptions  # torch-free, so that `loracl methods` can list them
 
 
 @register

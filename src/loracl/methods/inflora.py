@@ -15,19 +15,14 @@ Per adapted layer keep an orthonormal basis M (n x k) of the input subspace of p
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import Field
 
 from loracl.methods.context import TaskContext
 from loracl.models.multi_lora import layer_map, task_adapter
 from loracl.models.subspace import (
-    DUAL_GPM_TASKS,
-    DUAL_GPM_THRESHOLD,
-    BasisRule,
     basis_info,
     basis_nbytes,
     collect_input_grams,
@@ -35,32 +30,9 @@ from loracl.models.subspace import (
     warn_few_free_directions,
 )
 
-from .base import MethodOptions, register
+from .base import register
 from .inc_lora import IncLoRA
-
-
-class DualGPMOptions(MethodOptions):
-    """Options of the methods whose input bases follow the DualGPM rule (InfLoRA, GainLoRA)."""
-
-    threshold: float = Field(DUAL_GPM_THRESHOLD, gt=0, le=1, description="epsilon_0 of the DualGPM rule")
-    threshold_tasks: int = Field(
-        DUAL_GPM_TASKS, gt=0, description="T_s: epsilon rises linearly from epsilon_0 to 1 over T_s tasks"
-    )
-    max_examples: int | None = Field(
-        None,
-        gt=0,
-        description="training examples whose tokens give the input statistics (default: all, as the "
-        "authors' code, which reads up to 1000 batches)",
-    )
-
-    def basis_rule(self) -> BasisRule:
-        return BasisRule("dual_gpm", self.threshold, tasks=self.threshold_tasks)
-
-
-class InfLoRAOptions(DualGPMOptions):
-    a_scale: float = Field(
-        1 / math.sqrt(3), gt=0, description="norm of each row of the designed A (the authors' 1/sqrt(3))"
-    )
+from .options import InfLoRAOptions  # torch-free, so that `loracl methods` can list them
 
 
 @register

@@ -11,16 +11,12 @@ truncates it by SVD to one rank-k LoRA and reports the energy kept (see merging_
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from loracl.models.merging import max_magnitude
 
 from .base import register
-from .merging_base import MergingMethod, MergingOptions
-
-
-class MagMaxOptions(MergingOptions):
-    scale: float = Field(0.5, gt=0, description="λ applied to the merged task vector (authors' 0.5)")
+from .merging_base import MergingMethod
+from .options import MagMaxOptions  # torch-free, so that `loracl methods` can list them
 
 
 @register

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import Field
 
 from loracl.engine import distributed
 from loracl.errors import CheckpointError
@@ -48,17 +47,10 @@ from loracl.models.lora import (
 from loracl.models.merging import Truncation, task_vector, truncate_to_lora
 
 from ..config import LoraSection
-from .base import ContinualMethod, MethodOptions
+from .base import ContinualMethod
+from .options import MergingOptions  # torch-free, so that `loracl methods` can list them
 
 MERGED_ADAPTER = "merged"
-
-
-class MergingOptions(MethodOptions):
-    rank: int | None = Field(
-        None,
-        gt=0,
-        description="truncate the merged delta by SVD to one LoRA of this rank (default: full rank, exact)",
-    )
 
 
 class MergingMethod(ContinualMethod):
@@ -137,7 +129,7 @@ class MergingMethod(ContinualMethod):
         1) and make it active."""
         if MERGED_ADAPTER not in model.peft_config:
             section = self.lora.model_copy(update={"r": width, "alpha": width, "dropout": 0.0})
-            model.add_adapter(MERGED_ADAPTER, peft_config(section))
+            model.add_adapter(MERGED_ADAPTER, peft_config(section, model))
         set_lora_state(model, state, MERGED_ADAPTER)
         model.set_adapter(MERGED_ADAPTER, inference_mode=True)  # evaluated from now on; never trained
 

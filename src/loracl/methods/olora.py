@@ -14,8 +14,9 @@ from peft import PeftModel
 from loracl.models.lora import lora_layers
 from loracl.models.multi_lora import task_adapters
 
-from .base import MethodOptions, register
+from .base import register
 from .inc_lora import IncLoRA
+from .options import OLoRAOptions  # torch-free, so that `loracl methods` can list them
 
 
 def orthogonality_penalty(model: torch.nn.Module, current: str, old: list[str]) -> torch.Tensor:
@@ -46,11 +47,6 @@ def olora_loss(model: PeftModel, lambda1: float, lambda2: float) -> torch.Tensor
         l2 = lambda2 * l2_penalty(model, current)
         loss = l2 if loss is None else loss + l2
     return loss
-
-
-class OLoRAOptions(MethodOptions):
-    lambda1: float = 0.5
-    lambda2: float = 0.0
 
 
 @register

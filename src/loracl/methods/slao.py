@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from peft import PeftModel
-from pydantic import model_validator
 
 from loracl.methods.context import TaskContext
 from loracl.models.lora import (
@@ -30,7 +28,8 @@ from loracl.models.lora import (
 )
 from loracl.models.lora import state_nbytes as lora_state_nbytes
 
-from .base import ContinualMethod, MethodOptions, register
+from .base import ContinualMethod, register
+from .options import SLAOOptions  # torch-free, so that `loracl methods` can list them
 
 
 def orthonormal_row_basis(A: torch.Tensor) -> torch.Tensor:
@@ -73,26 +72,6 @@ def merge_weight(task_index: int, schedule: str, constant: float = 0.5) -> float
 def interpolate(previous: torch.Tensor, finetuned: torch.Tensor, weight: float) -> torch.Tensor:
     """previous + weight (finetuned - previous): the time-aware merge of METHODS.md."""
     return previous + weight * (finetuned - previous)
-
-
-class SLAOOptions(MethodOptions):
-    init: Literal["last_ft", "last_merge", "random"] = "last_ft"
-    merge: Literal["B", "A_and_B", "A", "none"] = "B"
-    schedule: Literal["inv_sqrt", "inv", "constant"] = "inv_sqrt"
-    constant: float = 0.5
-    freeze: Literal["none", "A", "B"] = "none"
-    # Not in the paper (METHODS.md has B_init = B_ft,i-1 as is): B_init = B_ft,i-1 C and, in the merge,
-    # B_m,i-1 C, C = A_ft,i-1 A_init^T, so that the orthonormal init changes no layer's B A.
-    rebase_b: bool = False
-
-    @model_validator(mode="after")
-    def _rebase_needs_a_basis_of_the_paired_a(self) -> SLAOOptions:
-        if self.rebase_b and (self.init == "random" or self.merge not in ("B", "none")):
-            raise ValueError(
-                "rebase_b needs init last_ft or last_merge and merge B or none (the merged B must be paired "
-                "with the A whose basis starts the next task)"
-            )
-        return self
 
 
 @register

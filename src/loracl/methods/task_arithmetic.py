@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import torch
 from peft.utils import merge_utils
-from pydantic import Field
 
 from .base import register
-from .merging_base import MergingMethod, MergingOptions
-
-
-class TaskArithmeticOptions(MergingOptions):
-    scale: float | None = Field(None, gt=0, description="λ per task vector (default 1/i: their mean)")
+from .merging_base import MergingMethod
+from .options import TaskArithmeticOptions  # torch-free, so that `loracl methods` can list them
 
 
 @register

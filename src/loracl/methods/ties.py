@@ -14,22 +14,12 @@ entry whose kept values sum to exactly 0 takes sign + (PEFT's), not the majority
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from peft.utils import merge_utils
-from pydantic import Field
 
 from .base import register
-from .merging_base import MergingMethod, MergingOptions
-
-
-class TiesOptions(MergingOptions):
-    density: float = Field(0.2, gt=0, le=1, description="fraction of each task vector's entries kept")
-    majority_sign: Literal["total", "frequency"] = Field(
-        "total", description="sign election: by total mass (TIES) or by count"
-    )
-    scale: float = Field(0.55, gt=0, description="λ applied to the merged delta (MagMax authors' 0.55)")
+from .merging_base import MergingMethod
+from .options import TiesOptions  # torch-free, so that `loracl methods` can list them
 
 
 @register

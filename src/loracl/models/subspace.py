@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 
+from loracl.engine.training import IGNORE, decoder_inputs, is_seq2seq_batch
+
 Batch = dict[str, torch.Tensor]
 ContextFactory = Callable[[Batch], AbstractContextManager]
 
@@ -54,6 +56,28 @@ def _decoder_call(model: torch.nn.Module, batch: Batch) -> None:
     target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
+def _seq2seq_targets(batch: Batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The decoder targets of a seq2seq batch for a statistics pass, and the token masks by sequence length:
+    the encoder's attention mask, and the decoder's (its target positions). The targets get one more
+    (masked) position when both sequences are as long, so that a layer input's length says which stack's
+    tokens it holds (cross-attention keys and values read the encoder's outputs inside the decoder)."""
+    labels = batch["labels"]
+    if labels.shape[1] == batch["input_ids"].shape[1]:
+        labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)
+    encoder_mask = batch["attention_mask"].bool()
+    return labels, {encoder_mask.shape[1]: encoder_mask, labels.shape[1]: labels != IGNORE}
+
+
+def _seq2seq_call(model: torch.nn.Module, batch: Batch, labels: torch.Tensor) -> None:
+    """An encoder-decoder's full forward, the decoder reading the targets shifted right as in training."""
+    model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=decoder_inputs(model, labels),
+        use_cache=False,
+    )
+
+
 @torch.no_grad()
 def collect_input_grams(
     model: torch.nn.Module,
@@ -65,14 +89,22 @@ def collect_input_grams(
 
     Forward hooks read each module's first positional input; only positions where attention_mask is 1 are
     kept; accumulation is in float32 on the model's device. `context(batch)` is entered around each forward
-    (e.g. to give a gating module the batch's prompt mask)."""
+    (e.g. to give a gating module the batch's prompt mask).
+
+    An encoder-decoder (a seq2seq batch: loracl.engine.training.collate_seq2seq) runs whole, encoder and
+    decoder, so the adapted layers of both stacks are reached: an input of the encoder's length (the
+    encoder's layers, the decoder's cross-attention keys and values) keeps the encoder's non-padding
+    tokens, an input of the decoder's length its target tokens."""
     grams: dict[str, torch.Tensor] = {}
-    mask_holder: dict[str, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor] = {}  # sequence length -> the token mask of inputs of that length
 
     def make_hook(name: str):
         def hook(_module, args, _output):
             x = args[0]
-            rows = x[mask_holder["mask"]].float().reshape(-1, x.shape[-1])
+            mask = masks.get(x.shape[-2]) if x.dim() >= 3 else None
+            if mask is None:
+                raise RuntimeError(f"{name}: input of shape {tuple(x.shape)} matches no token mask")
+            rows = x[mask].float().reshape(-1, x.shape[-1])
             gram = rows.T @ rows
             grams[name] = gram if name not in grams else grams[name] + gram
 
@@ -83,9 +115,15 @@ def collect_input_grams(
     model.eval()
     try:
         for batch in batches:
-            mask_holder["mask"] = batch["attention_mask"].bool()
             with context(batch) if context else contextlib.nullcontext():
-                _decoder_call(model, batch)
+                masks.clear()
+                if is_seq2seq_batch(batch):
+                    labels, by_length = _seq2seq_targets(batch)
+                    masks.update(by_length)
+                    _seq2seq_call(model, batch, labels)
+                else:
+                    masks[batch["attention_mask"].shape[1]] = batch["attention_mask"].bool()
+                    _decoder_call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
