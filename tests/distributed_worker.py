@@ -1,7 +1,8 @@
 """Started by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU):
 one run per method through the real CLI, then `loracl eval` and `loracl predict` of the first run, all in
 the same processes.
-With FULL_DISK_AT=k in the environment, the main process's k-th results.json write fails as on a full disk.
+With FULL_DISK_AT=k in the environment, the main process's k-th results.json write fails as on a full disk;
+with RUNS_ONLY=1 only the runs are made (no eval, no predict); with RESUME=1 they are resumed (--resume).
 At exit each process prints whether its process group was already destroyed (loracl's own exit handler).
 
 usage: distributed_worker.py OUT_DIR CONFIG METHOD[,METHOD...] [KEY=VALUE ...]
@@ -43,10 +44,13 @@ def report_process_group_at_exit() -> None:
 
 def work(out: Path, config: str, methods: list[str], overrides: list[str]) -> int:
     sets = [arg for item in overrides for arg in ("--set", item)]
+    sets += ["--resume"] if os.environ.get("RESUME") == "1" else []
     for method in methods:
         code = main(["run", config, "--output", str(out / method), "--set", f"method.name={method}", *sets])
         if code:
             return code
+    if os.environ.get("RUNS_ONLY") == "1":
+        return 0
     code = main(["eval", str(out / methods[0]), "--output", str(out / "eval.json")])
     return code or main(["predict", str(out / methods[0]), *PROMPTS])
 

@@ -37,8 +37,9 @@ LOSS_RTOL, ADAPTER_ATOL = 1e-4, 1e-5
 
 
 def launch_two_processes(
-    out: Path, methods: list[str] = METHODS, **env: str
+    out: Path, methods: list[str] = METHODS, overrides: list[str] = OVERRIDES, **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """The worker under `accelerate launch` with 2 CPU processes: a run per method with `overrides`."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate's launcher is not installed")
@@ -52,7 +53,7 @@ def launch_two_processes(
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(ROOT / "tests" / "distributed_worker.py"), str(out), str(TINY), ",".join(methods), *OVERRIDES,
+        str(ROOT / "tests" / "distributed_worker.py"), str(out), str(TINY), ",".join(methods), *overrides,
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
@@ -136,13 +137,22 @@ def test_predict_prints_each_answer_once(runs, capsys):
     assert together == alone  # the same answers as one process gives
 
 
-@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharding_configs_are_refused_in_one_line(flag, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "reason"),
+    [
+        ("ACCELERATE_USE_FSDP", "FSDP through accelerate's plugin, which loracl does not use"),
+        ("ACCELERATE_USE_DEEPSPEED", "owns the optimizer step and partitions the LoRA factors"),
+    ],
+)
+def test_sharding_configs_are_refused_in_one_line(flag, reason, monkeypatch, capsys, tmp_path):
+    """accelerate's FSDP plugin and DeepSpeed are refused, pointing at train.parallel: fsdp (loracl's own
+    sharding of the frozen base, tests/test_fsdp.py)."""
     monkeypatch.setenv(flag, "true")
-    with pytest.raises(ConfigError, match="does not support"):
+    with pytest.raises(ConfigError, match="train.parallel: fsdp"):
         distributed.refuse_sharding()
     assert main(["run", str(TINY), "--output", str(tmp_path / "run")]) == 2
-    assert "full copy of the model per process" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert reason in err and "set train.parallel: fsdp" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

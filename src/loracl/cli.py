@@ -389,22 +389,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    # The catalog, not the implementations: listing methods imports neither torch nor transformers.
-    from .methods.catalog import CATALOG, unknown_method
+    # The catalog, not the implementations: listing methods imports neither torch nor transformers (a
+    # plugin's entry point naming its class rather than a torch-free MethodSpec imports that class's module).
+    from .methods import catalog
 
     if args.name is not None:
-        if args.name not in CATALOG:
-            raise ConfigError(unknown_method(args.name, CATALOG))
-        print(printable(_method_details(CATALOG[args.name]), sys.stdout))
+        found = catalog.lookup(args.name)
+        if found is None:
+            raise ConfigError(catalog.unknown_method(args.name, catalog.known_names()))
+        if isinstance(found, catalog.PluginFailure):
+            raise ConfigError(found.line())
+        print(printable(_method_details(found), sys.stdout))
         return 0
-    width = max(len(name) for name in CATALOG) + 1
+    specs, failures = catalog.listing()
+    width = max(len(name) for name in [*specs, *(f.name for f in failures)]) + 1
     lines = []
-    for name, spec in CATALOG.items():
+    for name, spec in specs.items():
         options = ", ".join(spec.options.model_fields) or "-"
         lines.append(f"{name:<{width}} {spec.summary}")
         data_free = "yes" if spec.data_free else "no"
         growth = spec.memory_growth
-        lines.append(f"{'':<{width}} data-free: {data_free}; memory in T: {growth}; options: {options}")
+        plugin = f"; plugin: {spec.origin}" if spec.origin else ""
+        details = f"data-free: {data_free}; memory in T: {growth}; options: {options}{plugin}"
+        lines.append(f"{'':<{width}} {details}")
+    for failure in failures:  # one line each; the others are listed all the same
+        lines.append(f"{failure.name:<{width}} FAILED TO LOAD ({failure.origin}): {failure.reason}")
     lines.append("\nloracl methods NAME: one method's options, with their types, defaults and meaning.")
     print(printable("\n".join(lines), sys.stdout))
     return 0
@@ -417,6 +426,8 @@ def _method_details(spec: MethodSpec) -> str:
         f"role: {spec.role.replace('_', ' ')}; data-free: {'yes' if spec.data_free else 'no'}; "
         f"memory in T: {spec.memory_growth}",
     ]
+    if spec.origin:
+        lines.append(f"plugin: {spec.origin} (implementation {spec.implementation})")
     if not spec.trains:
         lines.append("training: none (the base model is evaluated once)")
     elif spec.joint_training:

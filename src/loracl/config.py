@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .files import UnsafeFileError, first_lone_surrogate, max_file_bytes, read_text_limited
@@ -54,6 +62,30 @@ class ModelSection(_Section):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     cache_dir: str | None = Field(None, description="where converted GGUF weights are cached")
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="load the frozen base quantised through bitsandbytes (pip install "
+        "'loracl[quantization]'): 4bit = QLoRA's NF4 with double quantisation, computing in model.dtype "
+        "(auto: bfloat16); 8bit = LLM.int8; the LoRA weights stay float32. `export --merge` de-quantises "
+        "the base to that dtype first",
+    )
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _none_word(cls, value: Any) -> Any:
+        # `--set model.quantization=none` (or `null`, empty) means no quantisation, as YAML's null does
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
+
+    @model_serializer(mode="wrap")
+    def _quantization_when_set(self, handler: Any) -> Any:
+        # Left out at its default: config.yaml, checkpoint hashes and zero-shot cache keys of runs made before
+        # the key existed stay what they were.
+        data = handler(self)
+        if self.quantization is None and isinstance(data, dict):
+            data.pop("quantization", None)
+        return data
 
 
 class LoraSection(_Section):
@@ -141,6 +173,12 @@ class TrainSection(_Section):
         False,
         description="recompute each decoder layer's activations in the backward pass instead of keeping "
         "them: less memory for long sequences, about a third more compute per step; same results",
+    )
+    parallel: Literal["data", "fsdp"] = Field(
+        "data",
+        description="with several processes (accelerate launch, torchrun): data = a full copy of the model "
+        "per process; fsdp = the frozen base's decoder blocks sharded across processes (FSDP2), LoRA "
+        "replicated: for a base that does not fit one device; same results. One process: no difference",
     )
 
 

@@ -1,18 +1,33 @@
-"""Data parallelism across processes started by `accelerate launch` or `torchrun`; no-ops in one process.
+"""Data parallelism, and sharding of the frozen base, across processes started by `accelerate launch` or
+`torchrun`; no-ops in one process.
 
-loracl does not wrap the model in DDP: every process holds the whole PeftModel (so the methods' hooks see
-the plain model), takes its share of each global batch, and the gradients of the trainable parameters are
-summed across processes before each optimizer step. With the loss of each share normalised by the global
-number of answer tokens, that sum is the one-process gradient, so the parameters stay identical on every
-process without any broadcast. The process group is set up by accelerate's `PartialState` (gloo on CPU,
-NCCL on GPUs), whose launcher also sets the environment variables read here.
+loracl does not wrap the model in DDP: every process holds the PeftModel (whole, with `train.parallel:
+data`; so the methods' hooks see the plain model), takes its share of each global batch, and the gradients
+of the trainable parameters are summed across processes before each optimizer step. With the loss of each
+share normalised by the global number of answer tokens, that sum is the one-process gradient, so the
+parameters stay identical on every process without any broadcast. The process group is set up by
+accelerate's `PartialState` (gloo on CPU, NCCL on GPUs), whose launcher also sets the environment variables
+read here.
+
+With `train.parallel: fsdp` (`shard_frozen_base`) the frozen base's decoder blocks are sharded across the
+processes with torch's FSDP2 (`fully_shard`), each block all-gathered for its forward (and again for its
+backward) and freed after. Every LoRA parameter (and anything else trainable), the embeddings and the LM
+head are left out of the sharding (`ignored_params`): they stay ordinary tensors, replicated, so every
+method's math on them and the gradient exchange above are unchanged, and checkpoints and exported adapters
+are full PEFT tensors. What FSDP adds is lockstep: every forward (and backward) through the blocks is a
+collective, so all processes must run the same passes. Where their shares differ in number (the batches of
+a statistics pass or of an evaluation, an empty share of a small training batch) a process runs extra
+passes on a real batch inside `padding()`, and whatever accumulates per batch skips them
+(`padding_pass()`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -23,8 +38,22 @@ from loracl.files import is_write_failure
 
 T = TypeVar("T")
 
-# Set by `accelerate launch` from an accelerate config; loracl replicates the model, it does not shard it.
-_SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+# Set by `accelerate launch` from an accelerate config. loracl shards the frozen base itself
+# (train.parallel: fsdp); accelerate's FSDP plugin and DeepSpeed are refused, each with its reason.
+_LAUNCHER = "launch with an accelerate config of distributed_type MULTI_GPU or MULTI_CPU, or --multi_gpu"
+_SHARDING_FLAGS = {
+    "ACCELERATE_USE_FSDP": (
+        "accelerate config asks for FSDP through accelerate's plugin, which loracl does not use: set "
+        "train.parallel: fsdp in the loracl config instead (loracl shards the frozen base itself) and "
+        f"{_LAUNCHER}"
+    ),
+    "ACCELERATE_USE_DEEPSPEED": (
+        "accelerate config asks for DeepSpeed, which loracl does not support: its engine owns the optimizer "
+        "step and partitions the LoRA factors that loracl's methods read and rewrite between steps (a "
+        "projection, a QR, a merge); to shard a base that does not fit one device set train.parallel: fsdp "
+        f"and {_LAUNCHER}"
+    ),
+}
 
 
 def _launched_world_size() -> int:
@@ -32,14 +61,10 @@ def _launched_world_size() -> int:
 
 
 def refuse_sharding() -> None:
-    """A one-line error instead of silently ignoring an FSDP / DeepSpeed accelerate config."""
-    for flag, name in _SHARDING_FLAGS.items():
+    """A one-line error instead of silently ignoring an FSDP-plugin / DeepSpeed accelerate config."""
+    for flag, message in _SHARDING_FLAGS.items():
         if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
-            raise ConfigError(
-                f"accelerate config asks for {name}, which loracl does not support: it trains data-parallel "
-                "with a full copy of the model per process (use an accelerate config with "
-                "distributed_type MULTI_GPU or MULTI_CPU, or --multi_gpu / --cpu)"
-            )
+            raise ConfigError(message)
 
 
 def init() -> None:
@@ -176,3 +201,132 @@ def max_replica_difference(tensors: Sequence[torch.Tensor]) -> float:
             worst = torch.maximum(worst, diff.reshape(1))
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst.item())
+
+
+# -- sharding the frozen base (train.parallel: fsdp) -----------------------------------------------------
+
+_padding = False  # inside padding(): the pass being run only keeps the processes in step
+
+
+@contextlib.contextmanager
+def padding() -> Iterator[None]:
+    """Around a pass run only so that this process takes part in the collectives of a sharded model's
+    forward (and backward) as the others do; statistics and records must not count it (`padding_pass`)."""
+    global _padding
+    before, _padding = _padding, True
+    try:
+        yield
+    finally:
+        _padding = before
+
+
+def padding_pass() -> bool:
+    """Whether the pass now running is a padding pass (see `padding`): skip it in any accumulation."""
+    return _padding
+
+
+def padding_count(items: int) -> int:
+    """How many padding passes this process adds to its `shard` of `items` items so that every process runs
+    as many passes as the largest share (0 with one process)."""
+    if not active() or items <= 0:
+        return 0
+    return math.ceil(items / world_size()) - len(range(rank(), items, world_size()))
+
+
+def max_int(value: int) -> int:
+    """The largest of the processes' `value`."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _fsdp_module_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def lockstep(model: torch.nn.Module) -> bool:
+    """Whether the processes must run the same forward and backward passes through `model`: several
+    processes and weights of it sharded (FSDP2)."""
+    cls = _fsdp_module_class()
+    return active() and cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def _base_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _blocks(base: torch.nn.Module, decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's transformer blocks: the outermost modules of the classes transformers never splits
+    across devices (`_no_split_modules`, e.g. LlamaDecoderLayer)."""
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks: dict[str, torch.nn.Module] = {}
+    for name, module in decoder.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in blocks)
+        if type(module).__name__ in names and name and not inside:
+            blocks[name] = module
+    return list(blocks.values())
+
+
+def check_shardable(model: torch.nn.Module) -> None:
+    """Refuse (ConfigError) a model whose base `shard_frozen_base` cannot shard: an encoder-decoder, a
+    quantised base, or one whose decoder blocks cannot be found."""
+    base = _base_of(model)
+    kind = type(base).__name__
+    if getattr(base.config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"train.parallel: fsdp shards decoder-only models; {kind} is an encoder-decoder: use "
+            "train.parallel: data"
+        )
+    if getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None):
+        raise ConfigError(
+            "train.parallel: fsdp cannot shard a quantised base (FSDP shards floating-point weights): "
+            "use model.quantization with train.parallel: data, or fsdp without quantisation"
+        )
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or not _blocks(base, decoder):
+        raise ConfigError(
+            f"train.parallel: fsdp cannot find the decoder blocks of {kind} to shard: use "
+            "train.parallel: data"
+        )
+
+
+def shard_frozen_base(model: torch.nn.Module, device: torch.device | None = None) -> None:
+    """Shard the frozen weights of `model`'s decoder blocks across the processes (FSDP2 `fully_shard`, one
+    unit per block and the decoder as the root unit), everything else left whole (see the module's
+    docstring); then move the model to `device` (default: this process's communication device). The model
+    may come on the CPU: each block's weights reach `device` as this process's shard only. A no-op but for
+    the checks with one process."""
+    check_shardable(model)
+    if not active():
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = device or _comm_device()
+    base = _base_of(model)
+    decoder = base.get_decoder()
+    kept = {p for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
+    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if module is not None:  # used outside the decoder's forward (the head; GainLoRA's gates)
+            kept |= set(module.parameters())
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for block in _blocks(base, decoder):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=kept)
+    fully_shard(decoder, mesh=mesh, reshard_after_forward=True, ignored_params=kept)
+    base._is_fsdp_managed_module = True  # transformers' generate then keeps the processes in step
+    model.to(device)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this process holds (a sharded parameter: its local shard only)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total

@@ -174,20 +174,35 @@ def answer_tokens(examples: Sequence[Encoded]) -> int:
 
 @contextlib.contextmanager
 def step_losses(
-    model: torch.nn.Module, method, examples: Sequence[Encoded], global_tokens: int, pad_id: int, device
+    model: torch.nn.Module,
+    method,
+    examples: Sequence[Encoded],
+    global_tokens: int,
+    pad_id: int,
+    device,
+    padding: Sequence[Encoded] = (),
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """This process's part of one step's loss: (task loss of its share weighted by its fraction of the
     global batch's answer tokens, extra loss / world size), so that summing over processes gives the
     one-process loss, and summing gradients the one-process gradient. None where there is nothing.
 
     Yielded while the method's `step_context` is still open, so that the backward pass runs inside it too
-    (gradient checkpointing runs the layers' forwards, and the method's hooks in them, again there)."""
+    (gradient checkpointing runs the layers' forwards, and the method's hooks in them, again there).
+
+    `padding`: examples to run, with weight 0, when the share is empty but the processes must run the same
+    passes (a sharded model, `distributed.lockstep`): the task loss is then 0 times their loss."""
     world = distributed.world_size()
     if examples:
         batch = collate(examples, pad_id, device)
         with method.step_context(model, batch):
             task = answer_loss(model, batch) * (answer_tokens(examples) / max(global_tokens, 1))
             extra = method.extra_loss(model, batch)
+            yield task, None if extra is None else extra / world
+    elif padding:  # an empty share of a sharded model: a pass through every block, contributing nothing
+        batch = collate(padding, pad_id, device)
+        with distributed.padding(), method.step_context(model, batch):
+            task = answer_loss(model, batch) * 0.0
+            extra = method.extra_loss(model, None)
             yield task, None if extra is None else extra / world
     else:  # more processes than examples in this step: only the parameter-only penalty is left
         extra = method.extra_loss(model, None)
@@ -339,6 +354,7 @@ def _train(
     params = method.trainable_parameters(model)
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameter")
+    lockstep = distributed.lockstep(model)  # sharded weights: every process runs every step's passes
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, optimizer_steps)
     model.train()
@@ -349,7 +365,9 @@ def _train(
         check_interrupt()  # SIGINT/SIGTERM: stop here, between two steps
         examples = method.augment_batch([encoded[i] for i in batch_ids])
         shard = distributed.shard(examples)
-        with step_losses(model, method, shard, answer_tokens(examples), pad_id, device) as (loss, extra):
+        padding = examples[:1] if lockstep and not shard else ()
+        tokens_in_batch = answer_tokens(examples)
+        with step_losses(model, method, shard, tokens_in_batch, pad_id, device, padding) as (loss, extra):
             parts = [t for t in (loss, extra) if t is not None]
             loss_value = distributed.sum_scalar(loss.item() if loss is not None else 0.0)
             objective = distributed.sum_scalar(sum(parts).item() if parts else 0.0)  # task loss + penalty

@@ -43,19 +43,28 @@ Attributes that change the shape of a run (the runner reads them; it never names
 
 Checkpoints (loracl.recipes.checkpoint) after every task save the model's adapters and the method's
 state between tasks: the instance attributes named in `state_attributes`: tensors, numbers, strings,
-containers of them and the few classes of `checkpoint.STATE_CLASSES`
-(a checkpoint is read without running code).
+containers of them, the few classes of `checkpoint.STATE_CLASSES` and those registered with
+`register_state_class` (a checkpoint is read without running code; a state that could not be read back is
+refused when the checkpoint is written).
 State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
 beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
 
 `merge_obstacle` (None by default) says why the exported adapters cannot be added into the base weights,
 for methods whose model is not W0 + a fixed update (`loracl export --merge` refuses with that reason).
+
+With `train.parallel: fsdp` the frozen base's decoder blocks are sharded across processes while every LoRA
+(and anything a method trains or attaches) stays whole and replicated, so a method's math on its adapters
+is unchanged. What it must respect: the base weights inside the blocks are not whole outside a forward or
+backward (a method that reads them sets `fsdp_obstacle`, a reason, and such a run is refused), and every
+process must run the same passes: `ctx.batches()` then adds padding batches, run inside
+`distributed.padding()`, which a method runs like the others but never counts (`distributed.padding_pass()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +75,7 @@ from pydantic import ValidationError
 from transformers import PreTrainedModel
 
 from loracl.data.text import Encoded
+from loracl.methods import catalog
 from loracl.methods.catalog import CATALOG, Role, unknown_method
 from loracl.methods.context import TaskContext
 from loracl.methods.options import MethodOptions
@@ -90,6 +100,7 @@ class ContinualMethod:
     joint_training: ClassVar[bool] = False  # True: one training on the union of all tasks
     role: ClassVar[Role] = "continual"
     merge_obstacle: ClassVar[str | None] = None  # why `export --merge` is impossible; None: it is fine
+    fsdp_obstacle: ClassVar[str | None] = None  # why it cannot run with train.parallel: fsdp; None: it can
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     state_attributes: ClassVar[tuple[str, ...]] = ()  # attributes kept between tasks (checkpointed)
     manifest_extra: ClassVar[tuple[str, ...]] = ()  # keys of the manifest's "extra" that `restore` reads
@@ -198,33 +209,106 @@ class ContinualMethod:
         return 0
 
 
-# The methods whose modules have been imported (each class registers itself). The names a user can give are
-# those of the catalog (loracl.methods.catalog), whose implementations are imported on first use, plus any
-# class registered at run time.
+# The registry: every name resolves here (run, --resume, bench and its worker processes, export, eval). The
+# names a user can give are those of the catalog (loracl.methods.catalog; implementations imported on first
+# use), of plugins (entry points of the group `loracl.methods`, loaded on first use of their name, in each
+# process) and of classes registered at run time. A name registered again replaces the class before it
+# (a notebook re-running a cell): silently when the new class has the same module and qualified name, with
+# a warning when it replaces another class (a built-in included). Importing a built-in's module after
+# its name was replaced does not undo the replacement; `unregister` does.
 _REGISTRY: dict[str, type[ContinualMethod]] = {}
+# Classes a method's state may hold, besides tensors, numbers, strings, containers and the built-in ones of
+# loracl.recipes.checkpoint.STATE_CLASSES: the checkpoint reader accepts them (register_state_class).
+_STATE_CLASSES: dict[str, type] = {}
 
 
 def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-    """Class decorator adding a method to the registry under `cls.name`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
+    """Class decorator adding a method to the registry under `cls.name` (replacing what had that name)."""
+    if not (isinstance(cls, type) and issubclass(cls, ContinualMethod)):
+        raise TypeError(f"register: {cls!r} is not a ContinualMethod subclass")
+    name = getattr(cls, "name", None)
+    if problem := catalog.name_problem(name):
+        raise ValueError(f"register {catalog.class_path(cls)}: {problem}")
+    path, old = catalog.class_path(cls), _REGISTRY.get(name)
+    declared = catalog.declared_implementation(name)
+    if path == declared:  # the catalog's (or a plugin's) own class, imported
+        if old is None or catalog.class_path(old) == path:
+            _REGISTRY[name] = cls
+        return cls  # else a class registered in this session replaced it: that one stays
+    replaced = catalog.class_path(old) if old is not None else declared
+    if replaced is not None and replaced != path:
+        kind = "built-in method" if name in catalog.CATALOG and replaced == declared else "method"
+        warnings.warn(f"{kind} {name!r} ({replaced}) replaced by {path}", UserWarning, stacklevel=2)
+    _REGISTRY[name] = cls
+    catalog.note_registered(catalog.spec_from_class(cls), name)
     return cls
 
 
+def unregister(name: str) -> None:
+    """Forget what was registered under `name` in this session: a built-in or plugin method of that name is
+    resolved afresh (its own implementation) on next use; any other name becomes unknown."""
+    _REGISTRY.pop(name, None)
+    catalog.note_registered(None, name)
+    catalog.forget_plugin(name)
+
+
+def register_state_class(cls: type) -> type:
+    """Class decorator: allow instances of `cls` in a method's checkpointed state (`state_attributes`).
+
+    A checkpoint is read without running code (torch.load with weights_only=True), so it holds only tensors,
+    numbers, strings, containers and allowed classes; the class must be importable by module and name (not
+    defined in __main__ or inside a function), so that a resumed run in another process can find it. Its
+    instances are rebuilt without __init__ (their __dict__, or __setstate__, restores them)."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_state_class: {cls!r} is not a class")
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise ValueError(
+            f"register_state_class: {catalog.class_path(cls)} is defined in __main__ or inside a function; a "
+            "resumed run could not find it: define it at the top level of an importable module"
+        )
+    _STATE_CLASSES[catalog.class_path(cls)] = cls
+    return cls
+
+
+def state_classes() -> tuple[type, ...]:
+    """The classes registered with register_state_class (loaded plugins' included)."""
+    return tuple(_STATE_CLASSES.values())
+
+
 def available_methods() -> dict[str, type[ContinualMethod]]:
-    """Every method by name, each implementation imported (torch and all; the catalog lists them without)."""
-    for spec in CATALOG.values():
-        spec.load()
+    """Every method by name, each implementation imported (torch and all; the catalog lists them without),
+    plugins' included; a plugin that fails to load is left out (`loracl methods` says why)."""
+    for name in catalog.known_names():
+        with contextlib.suppress(ConfigError):
+            method_class(name)
     return dict(sorted(_REGISTRY.items()))
 
 
 def method_class(name: str) -> type[ContinualMethod]:
+    """The implementation of method `name` (ConfigError, one line, when it is unknown or cannot be loaded)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in CATALOG:
-        return CATALOG[name].load()
-    raise ConfigError(f"method.name: {unknown_method(name, [*CATALOG, *_REGISTRY])}")
+    spec = CATALOG.get(name) if isinstance(name, str) else None
+    if spec is not None:
+        return _REGISTRY.setdefault(name, spec.load())
+    found = catalog.plugin(name) if isinstance(name, str) else None
+    if found is None:
+        raise ConfigError(f"method.name: {unknown_method(name, catalog.known_names())}")
+    if isinstance(found, catalog.PluginFailure):
+        raise ConfigError(f"method.name: {found.line()}")
+    try:
+        cls = found.load()
+    except Exception as exc:  # noqa: BLE001  (a plugin's import error, whatever it is, as one line)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"method.name: plugin method {name!r} ({found.origin}): cannot import its implementation "
+            f"{found.implementation} ({type(exc).__name__}: {reason})"
+        ) from exc
+    problem = None if isinstance(cls, type) and issubclass(cls, ContinualMethod) else "not a ContinualMethod"
+    problem = problem or catalog.spec_mismatch(found, cls)
+    if problem:
+        raise ConfigError(f"method.name: plugin method {name!r} ({found.origin}): {problem}")
+    return _REGISTRY.setdefault(name, cls)
 
 
 def create_method(name: str, options: dict[str, Any], lora: LoraSection) -> ContinualMethod:

@@ -25,6 +25,7 @@ class TaskContext:
     device: torch.device
     batch_size: int
     seed: int
+    lockstep: bool = False  # the model's weights are sharded: every process runs as many passes (FSDP)
 
     def sample(self, max_examples: int | None) -> list[Encoded]:
         """A deterministic subset of the training examples (all when max_examples is None)."""
@@ -38,12 +39,20 @@ class TaskContext:
 
         With several processes each gets its share of the batches: a method sums what it accumulates over
         them with `all_reduce` before using it (an SVD, a QR, a Fisher), so every process ends with the
-        statistics of all the batches, as one process would."""
+        statistics of all the batches, as one process would.
+
+        With `lockstep` (a sharded model) a process whose share is smaller also gets padding batches (one
+        real example each) at the end, yielded inside `distributed.padding()`: run the same passes on them
+        (forward, and backward if the others take one) but count nothing (`distributed.padding_pass()`).
+        Consume the batches one at a time, as they come: the flag holds only until the next one is asked."""
         examples = self.sample(max_examples)
         size = batch_size or self.batch_size
-        starts = distributed.shard(range(0, len(examples), size))
-        for start in starts:
+        starts = range(0, len(examples), size)
+        for start in distributed.shard(starts):
             yield collate(examples[start : start + size], self.pad_id, self.device)
+        for _ in range(distributed.padding_count(len(starts)) if self.lockstep else 0):
+            with distributed.padding():
+                yield collate(examples[:1], self.pad_id, self.device)
 
     @staticmethod
     def all_reduce(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

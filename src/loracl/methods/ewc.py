@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from loracl.engine import distributed
 from loracl.engine.training import answer_loss, target_mask
 from loracl.methods.context import TaskContext
 
@@ -32,12 +33,15 @@ def squared_gradient_sums(
     model: torch.nn.Module, named_params: dict[str, torch.nn.Parameter], batches
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sum over one-example batches of the squared log-likelihood gradient, per parameter entry; and the
-    number of examples."""
+    number of examples. A padding batch (`distributed.padding_pass()`) runs forward and backward, as the
+    other processes do at that time, and counts for nothing."""
     params = list(named_params.values())
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named_params.items()}
     count = 0
     for batch in batches:
         grads = torch.autograd.grad(example_log_likelihood(model, batch), params, allow_unused=True)
+        if distributed.padding_pass():
+            continue
         for name, grad in zip(named_params, grads, strict=True):
             if grad is not None:
                 fisher[name] += grad.detach().float() ** 2

@@ -147,7 +147,7 @@ class GateBank(nn.Module):
             if mask is None or mask.dim() != 2:
                 mask = torch.ones(embeds.shape[:2], device=embeds.device)
             self.current = self(masked_mean(embeds, mask))
-            if self.recorded is not None:
+            if self.recorded is not None and not distributed.padding_pass():
                 self.recorded.append(self.current.detach())
 
         self._handles.append(first.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -259,10 +259,13 @@ class GainLoRA(InfLoRA):
 
     @torch.no_grad()
     def gate_inputs(self, model: PeftModel, ctx: TaskContext) -> torch.Tensor:
-        """p(x) of this process's share of the task's sampled examples (prompt tokens), N x d."""
+        """p(x) of this process's share of the task's sampled examples (prompt tokens), N x d (the embeddings
+        are never sharded: no pass through the model, padding batches are skipped)."""
         embed = model.get_base_model().get_input_embeddings()
         rows = [
-            masked_mean(embed(b["input_ids"]), prompt_mask(b)) for b in ctx.batches(self.options.max_examples)
+            masked_mean(embed(b["input_ids"]), prompt_mask(b))
+            for b in ctx.batches(self.options.max_examples)
+            if not distributed.padding_pass()
         ]
         dim = embed.weight.shape[1]
         return torch.cat(rows) if rows else torch.zeros(0, dim, dtype=GATE_DTYPE, device=embed.weight.device)

@@ -10,16 +10,28 @@ dtype) that later runs read directly.
 Pretrained weights are loaded straight into the run's dtype and device (`low_cpu_mem_usage`, and on CUDA a
 `device_map` of that one device), never as a float32 copy cast afterwards: host memory peaks near the
 checkpoint's size rather than at twice its float32 size (benchmarks/load_memory.py measures it).
+
+Quantised base (`model.quantization`, QLoRA): the frozen base is loaded through bitsandbytes, `4bit` as QLoRA
+(NF4, double quantisation, matmuls in the compute dtype: model.dtype, `auto` meaning bfloat16) or `8bit`
+(LLM.int8), then prepared by PEFT's `prepare_model_for_kbit_training` (base frozen, its non-quantised weights:
+embeddings, norms, head, upcast to float32; no gradient checkpointing there, `train.gradient_checkpointing`
+decides). The LoRA weights PEFT puts on it are float32 (`loracl.models.lora.attach_lora`). Whether
+bitsandbytes runs that mode on the device is checked first, on a 64 x 64 layer (`check_quantization`), so a
+missing package or backend is one line before any weight is read. The tiny models are quantised by saving
+them to a temporary folder and loading that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -41,6 +53,9 @@ from transformers import (
 
 from loracl.data.text import mark_seq2seq
 from loracl.errors import ModelError
+
+QUANTIZATIONS = ("4bit", "8bit")  # model.quantization's values besides null (config.ModelSection)
+QUANTIZATION_INSTALL = "pip install 'loracl[quantization]'"
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random-llama"
@@ -85,6 +100,117 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return getattr(torch, dtype)
+
+
+def quantized_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype a quantised base computes in (4-bit matmuls) and loads its other weights in: model.dtype;
+    `auto` is bfloat16, QLoRA's (float16 on a CUDA GPU without bfloat16), on CPU too."""
+    if dtype != "auto":
+        return resolve_dtype(dtype, device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _import_bitsandbytes():
+    # Its CPU backend logs a warning at import when the optional `kernels` package is missing (a slower
+    # fallback is used): no news to a user who asked for a quantised base.
+    with _quiet_logger("bitsandbytes"):
+        import bitsandbytes
+
+    return bitsandbytes
+
+
+def _probe(bnb, quantization: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Quantise a 64 x 64 layer in `quantization` on `device` and run it forward and backward."""
+    if quantization == "4bit":
+        layer = bnb.nn.Linear4bit(
+            64, 64, bias=False, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4"
+        )
+        x = torch.ones(2, 64, dtype=compute_dtype, device=device, requires_grad=True)
+    else:
+        layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
+        x = torch.ones(2, 64, dtype=torch.float16, device=device, requires_grad=True)
+    layer = layer.to(device)
+    layer(x).float().sum().backward()
+    if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+        raise RuntimeError("no finite gradient through the quantised layer")
+
+
+def check_quantization(
+    quantization: str | None, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """Refuse, as one ModelError line and before any weight is read, a `model.quantization` bitsandbytes
+    cannot run here: the package missing, or no backend of that mode for the device (no CUDA and a
+    bitsandbytes without a CPU backend); 4-bit is tried in `compute_dtype`."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        known = ", ".join(QUANTIZATIONS)
+        raise ModelError(f"model.quantization: unknown mode {quantization!r} (use null, {known})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        bnb = _import_bitsandbytes()
+    except ImportError:
+        raise ModelError(
+            f"model.quantization: {quantization} needs the package bitsandbytes: {QUANTIZATION_INSTALL}"
+        ) from None
+    except Exception as exc:  # a broken install: a missing native library, a torch it was not built for
+        raise ModelError(f"model.quantization: bitsandbytes cannot be imported: {_first_line(exc)}") from exc
+    try:
+        with _quiet_logger("bitsandbytes"), torch.enable_grad():  # a caller may be inside no_grad
+            _probe(bnb, quantization, device, compute_dtype)
+    except Exception as exc:
+        version = getattr(bnb, "__version__", "?")
+        raise ModelError(
+            f"model.quantization: bitsandbytes {version} cannot run {quantization} on {device} here "
+            f"({_first_line(exc)}); use a CUDA GPU, a bitsandbytes with a CPU backend, or "
+            "model.quantization=null"
+        ) from exc
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig: 4bit as QLoRA (NF4, double quantisation, compute in
+    `compute_dtype`), 8bit as LLM.int8 (outlier threshold 6.0)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+
+
+def quantization_of(model: torch.nn.Module) -> str | None:
+    """The mode ("4bit", "8bit") of a base, or a PeftModel around one, loaded quantised through bitsandbytes;
+    None for any other model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(base, "is_loaded_in_8bit", False):
+        return "8bit"
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -233,12 +359,17 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def loading_options(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+def loading_options(
+    dtype: torch.dtype, device: torch.device, quantization: str | None = None
+) -> dict[str, object]:
     """from_pretrained's options that load the weights directly in `dtype` on `device`: no float32 copy,
     no full model on the host before a GPU one (transformers 5 always loads this way and ignores
-    `low_cpu_mem_usage`; 4.x needs it). On CPU no device_map: the model is built on the host anyway."""
+    `low_cpu_mem_usage`; 4.x needs it). On CPU no device_map: the model is built on the host anyway (but
+    bitsandbytes quantises only the layers a device_map places, so a quantised load has one everywhere)."""
     options: dict[str, object] = {"dtype": dtype, "low_cpu_mem_usage": True}
-    if device.type != "cpu":
+    if quantization is not None:
+        options["quantization_config"] = quantization_config(quantization, dtype)
+    if device.type != "cpu" or quantization is not None:
         if device.type == "cuda" and device.index is None:  # "cuda": this process's current GPU
             device = torch.device("cuda", torch.cuda.current_device())
         options["device_map"] = {"": device}
@@ -257,14 +388,18 @@ def _load_pretrained(
 
 
 def _from_pretrained(
-    path: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local folder, or a hub id, loaded in `dtype` on `device` (default the CPU): from the cache, else
-    downloaded, failing at once when the hub is out of reach rather than after transformers' retries."""
+    """A local folder, or a hub id, loaded in `dtype` on `device` (default the CPU), quantised if asked:
+    from the cache, else downloaded, failing at once when the hub is out of reach rather than after
+    transformers' retries."""
     local = Path(path).expanduser()
     if path.startswith(("/", ".", "~")) and not local.exists():
         raise ModelError(f"model.name: no such folder: {local}")
-    options = loading_options(dtype, device or torch.device("cpu"))
+    options = loading_options(dtype, device or torch.device("cpu"), quantization)
     try:
         try:
             return _load_pretrained(path, True, options)  # a local folder, or a hub id already cached
@@ -282,18 +417,70 @@ def _from_pretrained(
         raise ModelError(f"model.name: cannot load {path!r}: {first_line}") from exc
 
 
+def _quantized_tiny(name: str, dtype: torch.dtype, device: torch.device, quantization: str):
+    """A tiny model built in memory, quantised: saved to a temporary folder and loaded from it as a
+    pretrained model is (bitsandbytes quantises weights as from_pretrained loads them)."""
+    from transformers.utils import logging as transformers_logging
+
+    model, tokenizer = TINY_MODELS[name]()
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards", "Loading weights" of a toy
+    try:
+        with tempfile.TemporaryDirectory(prefix="loracl-tiny-") as folder:
+            model.save_pretrained(folder)
+            model = auto.from_pretrained(folder, **loading_options(dtype, device, quantization))
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    model.name_or_path = name
+    return model, tokenizer
+
+
+def _prepare_quantized(model: PreTrainedModel, quantization: str) -> None:
+    """PEFT's k-bit preparation, without its gradient checkpointing (train.gradient_checkpointing decides).
+
+    bitsandbytes' 4-bit layers on a CPU with AVX512-BF16 repack their weights for a faster kernel at their
+    first evaluation-mode call, for good, and that kernel has no backward: training after an evaluation
+    (a run evaluates between tasks) would silently give no gradient to the LoRA weights below the last
+    layer. The repacking is turned off (no effect on GPUs). LLM.int8's note that it casts each input to
+    float16, logged once per layer and step, is silenced."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    linear4bit = getattr(_import_bitsandbytes().nn, "Linear4bit", ())
+    for module in model.modules():
+        if isinstance(module, linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if quantization == "8bit":
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
 def load_model(
-    name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: str | None = None
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    cache_dir: str | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a causal or sequence-to-sequence LM and its tokenizer, on the resolved device and dtype, with a
     pad token set (an encoder-decoder's tokenizer marked as such).
 
     Pretrained weights are read directly in that dtype onto that device (see `loading_options`). The final
     cast then moves no weight; it casts what from_pretrained leaves in float32 (the rotary `inv_freq`
-    buffers), as loading in float32 and casting did, so a model gives the same outputs as before."""
+    buffers), as loading in float32 and casting did, so a model gives the same outputs as before.
+
+    `quantization` ("4bit", "8bit"): the base quantised through bitsandbytes, computing in
+    `quantized_dtype(dtype)` (see the module's docstring); refused first if bitsandbytes cannot run it."""
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    if name in TINY_MODELS:
+    torch_dtype = quantized_dtype(dtype, torch_device) if quantization else resolve_dtype(dtype, torch_device)
+    check_quantization(quantization, torch_device, torch_dtype)  # before anything is read
+    if name in TINY_MODELS and quantization:
+        model, tokenizer = _quantized_tiny(name, torch_dtype, torch_device, quantization)
+        path = name
+    elif name in TINY_MODELS:
         model, tokenizer = TINY_MODELS[name]()
         path = name
     else:
@@ -306,11 +493,14 @@ def load_model(
             path = str(cached_gguf_dir(gguf, cache_dir))
         else:
             path = name
-        model, tokenizer = _from_pretrained(path, torch_dtype, torch_device)
+        model, tokenizer = _from_pretrained(path, torch_dtype, torch_device, quantization)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "is_encoder_decoder", False):
         mark_seq2seq(tokenizer)
-    model.to(device=torch_device, dtype=torch_dtype)
+    if quantization:  # placed by its device_map; bitsandbytes layers refuse a dtype cast
+        _prepare_quantized(model, quantization)
+    else:
+        model.to(device=torch_device, dtype=torch_dtype)
     model.config.use_cache = True
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)

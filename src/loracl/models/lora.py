@@ -25,6 +25,7 @@ from loracl.config import LoraSection
 from loracl.engine import distributed
 from loracl.engine.training import is_encoder_decoder
 from loracl.errors import ConfigError
+from loracl.models.base_model import quantization_of
 
 DEFAULT_ADAPTER = "default"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer except the output head
@@ -129,8 +130,15 @@ def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraSection, adapter: str = DEFAULT_ADAPTER) -> PeftModel:
-    """Wrap a base model with one trainable LoRA adapter; the base weights stay frozen."""
-    return get_peft_model(model, peft_config(lora, model), adapter_name=adapter)
+    """Wrap a base model with one trainable LoRA adapter; the base weights stay frozen. On a quantised base
+    (model.quantization) the LoRA weights are float32 whatever the base computes in, as QLoRA's (PEFT
+    makes them so; this makes sure)."""
+    wrapped = get_peft_model(model, peft_config(lora, model), adapter_name=adapter)
+    if quantization_of(model) is not None:
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return wrapped
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> Iterator[tuple[str, LoraLayer]]:

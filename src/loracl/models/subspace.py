@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from loracl.engine import distributed
 from loracl.engine.training import IGNORE, decoder_inputs, is_seq2seq_batch
 
 Batch = dict[str, torch.Tensor]
@@ -89,7 +90,8 @@ def collect_input_grams(
 
     Forward hooks read each module's first positional input; only positions where attention_mask is 1 are
     kept; accumulation is in float32 on the model's device. `context(batch)` is entered around each forward
-    (e.g. to give a gating module the batch's prompt mask).
+    (e.g. to give a gating module the batch's prompt mask). A padding batch (`distributed.padding_pass()`,
+    see TaskContext.batches) runs forward like the others but adds nothing.
 
     An encoder-decoder (a seq2seq batch: loracl.engine.training.collate_seq2seq) runs whole, encoder and
     decoder, so the adapted layers of both stacks are reached: an input of the encoder's length (the
@@ -100,6 +102,8 @@ def collect_input_grams(
 
     def make_hook(name: str):
         def hook(_module, args, _output):
+            if distributed.padding_pass():
+                return
             x = args[0]
             mask = masks.get(x.shape[-2]) if x.dim() >= 3 else None
             if mask is None:

@@ -149,7 +149,13 @@ def load_final_model(
     """The base model of `source` with its adapter(s) loaded, in eval mode, as the run evaluated it (`dtype`:
     the base weights' dtype instead of the config's)."""
     m = source.config.model
-    loaded = load_model(m.name, dtype=dtype or m.dtype, device=device or m.device, cache_dir=m.cache_dir)
+    loaded = load_model(
+        m.name,
+        dtype=dtype or m.dtype,
+        device=device or m.device,
+        cache_dir=m.cache_dir,
+        quantization=m.quantization,  # eval/predict rebuild the run's quantised base
+    )
     return load_adapter(source.adapter_dir, loaded.model), loaded
 
 

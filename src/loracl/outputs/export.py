@@ -7,6 +7,12 @@ file that PEFT, transformers and vLLM ignore). The export is written into a temp
 target, verified (every tensor of the copied or merged weights reads back; copies hash like their source)
 and renamed into place only then, so a failure leaves nothing half-written and an old export stays until the
 new one is complete.
+
+`--merge` of a run on a quantised base (model.quantization: 4bit, 8bit) de-quantises the base to its
+compute dtype (model.dtype; auto: bfloat16) before merging, so the merged model is the one the run
+evaluated, in plain weights; it needs bitsandbytes (on the CPU if it has a backend there, else on CUDA),
+refused in one line otherwise. An adapter folder given alone records no quantisation: its base is loaded
+as `--model`/the adapter names it, unquantised.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from loracl import __version__
-from loracl.errors import ConfigError, RunFolderError
+from loracl.errors import ConfigError, ModelError, RunFolderError
 from loracl.files import (
     UnsafeFileError,
     fsync_dir,
@@ -36,8 +42,10 @@ from loracl.files import (
     write_json_durable,
 )
 from loracl.methods import method_class
+from loracl.models.base_model import check_quantization, load_model, quantized_dtype
 from loracl.models.multi_lora import read_tensors, short
 from loracl.outputs.deploy import Source, load_final_model, read_run_results, resolve_source
+from loracl.outputs.loading import load_adapter
 
 EXPORT_MARKER = "loracl_export.json"
 EXPORT_FORMAT = "loracl-export"
@@ -241,8 +249,39 @@ def _no_progress_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def _quantized_device(quantization: str, dtype: str) -> str:
+    """Where a quantised base is de-quantised: the CPU when bitsandbytes has a backend there, else CUDA."""
+    cpu = torch.device("cpu")
+    try:
+        check_quantization(quantization, cpu, quantized_dtype(dtype, cpu))
+    except ModelError:
+        if not torch.cuda.is_available():
+            raise
+        return "cuda"
+    return "cpu"
+
+
+def _dequantized_merge(source: Source, quantization: str) -> tuple[PreTrainedModel, Any]:
+    """A run on a quantised base (model.quantization): the base is loaded quantised, as the run trained and
+    evaluated it, de-quantised to its compute dtype (model.dtype; auto: bfloat16), and the adapters are
+    merged into that: the saved weights are the quantised ones plus s B A, a plain model that computes what
+    the run evaluated. (Merging into the 4-bit or 8-bit weights themselves would re-quantise the sum and
+    lose most of the adapter's update.)"""
+    m = source.config.model
+    device = _quantized_device(quantization, m.dtype)
+    loaded = load_model(
+        m.name, dtype=m.dtype, device=device, cache_dir=m.cache_dir, quantization=quantization
+    )
+    dtype = quantized_dtype(m.dtype, torch.device(device))
+    base = loaded.model.dequantize(dtype=dtype).to(dtype)  # the norms prepare_model_for_kbit_training upcast
+    model = load_adapter(source.adapter_dir, base)
+    return model.merge_and_unload().cpu(), loaded.tokenizer
+
+
 def _merged_model(source: Source) -> tuple[PreTrainedModel, Any]:
     """The base model with every active adapter added into its weights, and its tokenizer."""
+    if source.config.model.quantization:
+        return _dequantized_merge(source, source.config.model.quantization)
     # On CPU, in the dtype the run's base weights had: `dtype: auto` alone would give float32 here for a
     # run that trained in bfloat16 on a GPU.
     run_dtype = read_run_results(source.run_dir).get("base_dtype") if source.run_dir else None

@@ -21,10 +21,12 @@ are older folders removed. A kill at any moment therefore leaves `latest.json` n
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ from loracl.files import (
     write_json_atomic,
     write_json_durable,
 )
-from loracl.methods import ContinualMethod
+from loracl.methods import ContinualMethod, state_classes
 from loracl.methods.memory import ReservoirMemory
 from loracl.models.lora import LoraPair
 
@@ -58,6 +60,42 @@ VERSION = 2  # 1 (loracl before 2026-11-28): state.pt pickled whole, PEFT config
 # The classes a method's state may hold besides tensors, numbers, strings and containers; anything else in a
 # checkpoint is refused on reading, so resuming a run directory from elsewhere cannot run code.
 STATE_CLASSES = (LoraPair, Encoded, ReservoirMemory, random.Random)
+
+
+def allowed_state_classes() -> list[type]:
+    """STATE_CLASSES and the classes methods registered (loracl.methods.register_state_class)."""
+    return [*STATE_CLASSES, *state_classes()]
+
+
+def check_method_state(method: ContinualMethod, state: dict[str, Any]) -> None:
+    """Refuse (CheckpointError, one line), before anything is written, a method state that `_load_state`
+    could not read back: an object of a class neither built in nor registered, or one pickle cannot save.
+    Found now, not when a run is resumed."""
+
+    def problem(value: Any) -> str | None:
+        buffer = io.BytesIO()
+        try:
+            torch.serialization.save(value, buffer)
+            buffer.seek(0)
+            with torch.serialization.safe_globals(allowed_state_classes()):
+                torch.serialization.load(buffer, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (any failure: the checkpoint could not be read back)
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if found:
+                return f"it holds a {found.group(1)}, a class a checkpoint does not read back"
+            return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        return None
+
+    whole = problem(state)
+    if whole is None:
+        return
+    name, reason = next(((k, r) for k, v in state.items() if (r := problem(v)) is not None), ("", whole))
+    what = f"state attribute {name!r}" if name else "state"
+    raise CheckpointError(
+        f"method {method.name!r}: {what} cannot be checkpointed ({reason}; a checkpoint "
+        "holds tensors, numbers, strings, containers and classes registered with "
+        "loracl.methods.register_state_class); nothing was written"
+    )
 
 
 _STATE_PARTS = ("peft_configs", "tensors", "method")
@@ -91,7 +129,7 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     nothing in a run directory is ever unpickled with the full unpickler, which runs whatever code the
     file names (a run directory may come from someone else)."""
     try:
-        with torch.serialization.safe_globals(list(STATE_CLASSES)):
+        with torch.serialization.safe_globals(allowed_state_classes()):
             state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
@@ -128,6 +166,7 @@ def save_checkpoint(
         "tensors": added_state(model),
         "method": method.state_dict(),
     }
+    check_method_state(method, payload["method"])
     try:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

@@ -10,7 +10,10 @@ Reproducibility: the global random generators are re-seeded from (seed, task ind
 a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
 
 Launched with several processes (`accelerate launch`, `torchrun`) every process runs the same sequence on
-its share of the data (see loracl.engine.distributed); only the main process writes files or prints.
+its share of the data (see loracl.engine.distributed); only the main process writes files or prints. With
+`train.parallel: fsdp` the frozen base's decoder blocks are sharded across the processes after the method
+has attached its adapters (`distributed.shard_frozen_base`), and the evaluation keeps the processes in step
+(`LockstepEvaluator`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from loracl import __version__
 from loracl.config import RunConfig, build_config, dump_config, read_yaml
 from loracl.data import Task, default_order, load_tasks
 from loracl.engine import distributed
-from loracl.engine.evaluation import TaskResult, make_evaluator
+from loracl.engine.evaluation import Evaluator, TaskResult, make_evaluator
 from loracl.engine.interrupt import check_interrupt, stop_at_once, stop_on_signals
 from loracl.engine.metrics import all_metrics, other_conventions
 from loracl.engine.tracking import Tracking, check_installed
@@ -51,7 +54,7 @@ from loracl.files import (
 from loracl.locking import LOCK_NAME, FolderLock
 from loracl.methods import ContinualMethod, create_method
 from loracl.methods.context import TaskContext
-from loracl.models.base_model import LoadedModel, load_model
+from loracl.models.base_model import LoadedModel, load_model, resolve_device, resolve_dtype
 from loracl.models.lora import check_lora_targets
 from loracl.outputs.provenance import data_files, model_card, provenance
 from loracl.outputs.report import (
@@ -77,7 +80,8 @@ from loracl.recipes.checkpoint import FORMAT as CHECKPOINT_FORMAT
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
 # picks which entries of the accuracy matrix are evaluated, not what they score; tracking.* only where the
 # numbers are also sent; gradient checkpointing recomputes activations and gives the same gradients,
-# tests/test_gradient_checkpointing.py).
+# tests/test_gradient_checkpointing.py; sharding the frozen base changes where its weights live, not what
+# they compute, tests/test_fsdp.py).
 HARMLESS_KEYS = (
     "output_dir",
     "model.cache_dir",
@@ -85,6 +89,7 @@ HARMLESS_KEYS = (
     "tracking.report_to",
     "tracking.project",
     "train.gradient_checkpointing",
+    "train.parallel",
 )
 DATA_SUFFIXES = (".json", ".jsonl")  # the files of a task folder provenance() hashes
 
@@ -218,6 +223,29 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+class LockstepEvaluator(Evaluator):
+    """The run's evaluator. On a sharded model (`distributed.lockstep`) every generate call all-gathers each
+    block, so the processes must make as many calls: one with fewer test batches than another makes padding
+    calls (one prompt, answer discarded, inside `distributed.padding()`), and transformers' generate keeps
+    stepping until every process has finished its batch (`synced_gpus`, which it turns on for the model
+    `shard_frozen_base` marks). Otherwise it is the plain Evaluator."""
+
+    @classmethod
+    def like(cls, evaluator: Evaluator) -> LockstepEvaluator:
+        twin = cls.__new__(cls)
+        twin.__dict__.update(vars(evaluator))
+        return twin
+
+    def _generate_batches(self, model, prompts, batches, max_new_tokens) -> dict[int, str]:
+        # asked before generating: asked after, it would meet the collectives of a process still generating
+        missing = distributed.max_int(len(batches)) - len(batches) if distributed.lockstep(model) else 0
+        outputs = super()._generate_batches(model, prompts, batches, max_new_tokens)
+        for _ in range(missing):
+            with distributed.padding():
+                super()._generate_batches(model, prompts, [[0]], max_new_tokens)
+        return outputs
+
+
 @dataclass
 class ContinualRun:
     """One continual-learning sequence: everything validated and loaded, ready to train."""
@@ -231,11 +259,13 @@ class ContinualRun:
     lock: FolderLock | None = None  # the run directory's lock, held from preparation to the end
 
     def __post_init__(self) -> None:
-        self.evaluator = make_evaluator(self.config, self.loaded.tokenizer)
+        self.evaluator = LockstepEvaluator.like(make_evaluator(self.config, self.loaded.tokenizer))
         self.outcomes: dict[int, TaskResult] = {}  # the last evaluation's, by 0-based task index
         self.encoder = self.evaluator.encoder
         set_seed(self.config.train.seed)  # the same initial adapters on every process
         self.model = self.method.prepare_model(self.loaded.model)
+        if self.config.train.parallel == "fsdp":  # after prepare_model: its adapters stay whole
+            distributed.shard_frozen_base(self.model, resolve_device(self.config.model.device))
         self.results = self._empty_results()
         self.config_digest = config_hash(result_relevant_config(self.config))
         self.tracking = Tracking([], self.run_dir, "", {})  # none until start_tracking
@@ -327,7 +357,12 @@ class ContinualRun:
             "per_task": [],
             "device": str(next(self.model.parameters()).device),
             "base_dtype": str(self.loaded.model.dtype).removeprefix("torch."),  # what `export --merge` saves
-            "distributed": {"processes": distributed.world_size(), "replica_max_abs_diff": 0.0},
+            "distributed": {
+                "processes": distributed.world_size(),
+                "replica_max_abs_diff": 0.0,
+                "parallel": c.train.parallel,
+                "parameter_bytes": distributed.parameter_bytes(self.model),  # this process holds (main)
+            },
             "loracl_version": __version__,
             "provenance": run_provenance(self.tasks, str(next(self.model.parameters()).device), c.eval.split),
             "config": c.model_dump(mode="json"),
@@ -424,6 +459,7 @@ class ContinualRun:
             device=next(self.model.parameters()).device,
             batch_size=self.config.train.batch_size,
             seed=self.config.train.seed,
+            lockstep=distributed.lockstep(self.model),
         )
 
     def train(self, ctx: TaskContext, description: str) -> TrainStats:
@@ -690,11 +726,13 @@ def run(
     overwrite: bool = False,
     resume: bool = False,
     zero_shot_cache: Path | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Run a whole continual-learning sequence and write the run directory; returns results.json's content.
 
     With `resume`, the run in `output_dir` continues after its last finished task (config None: that run's
-    own config.yaml). `zero_shot_cache`: a folder where runs share the base model's scores. The run
+    own config.yaml). `zero_shot_cache`: a folder where runs share the base model's scores. `loaded`: a
+    base model already in memory (the Python API's `model=`), used instead of loading config.model. The run
     directory is locked (loracl.locking) from before the model loads to the end: a second command on it is
     refused."""
     start = time.perf_counter()
@@ -709,7 +747,7 @@ def run(
         raise ConfigError("a config is needed to start a run")
     with stop_on_signals():
         try:
-            cl = prepare_run(config, output_dir, overwrite, resume)
+            cl = prepare_run(config, output_dir, overwrite, resume, loaded)
         except RunInterrupted as exc:
             unchanged = f"the run is unchanged; resume with: loracl run --resume --output {output_dir}"
             raise RunInterrupted(f"{exc}; {unchanged if resume else 'nothing was written'}") from exc
@@ -724,7 +762,11 @@ def run(
 
 
 def prepare_run(
-    config: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False, resume: bool = False
+    config: RunConfig,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    loaded: LoadedModel | None = None,
 ) -> ContinualRun:
     """Check and load everything of a run, lock its directory and create it (unless resuming it);
     `run_all` does the rest (the model stays in memory on the returned object; `release` drops the lock).
@@ -735,6 +777,7 @@ def prepare_run(
     distributed.init()
     check_installed(config.tracking.report_to)  # a missing tracker package: refused before any loading
     method = create_method(config.method.name, config.method_options(), config.lora)
+    check_parallel(config, method)
     tasks = load_tasks(config)  # also names the benchmark detected from the data folder, for config.yaml
     run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
     run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
@@ -744,12 +787,15 @@ def prepare_run(
     distributed.on_main(lambda: _lock_run_dir(lock))
     try:
         with stop_at_once("loading the model"):
-            loaded = load_model(
-                config.model.name,
-                dtype=config.model.dtype,
-                device=config.model.device,
-                cache_dir=config.model.cache_dir,
-            )
+            if loaded is None:
+                device, dtype = load_placement(config)
+                loaded = load_model(
+                    config.model.name,
+                    dtype=dtype,
+                    device=device,
+                    cache_dir=config.model.cache_dir,
+                    quantization=config.model.quantization,
+                )
             check_lora_targets(loaded.model, config.lora)
             cl = ContinualRun(config, method, tasks, loaded, run_dir, lock=lock)
         if not resume:
@@ -762,8 +808,39 @@ def prepare_run(
         f"method {method.name} on {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}"
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
         + (f", {distributed.world_size()} processes" if distributed.active() else "")
+        + (", frozen base sharded (FSDP)" if distributed.lockstep(cl.model) else "")
     )
     return cl
+
+
+def check_parallel(config: RunConfig, method: ContinualMethod) -> None:
+    """Refuse, before the model loads, a `train.parallel: fsdp` run that cannot be sharded: a method that
+    says why (`fsdp_obstacle`), or a quantised base."""
+    if config.train.parallel != "fsdp":
+        return
+    if method.fsdp_obstacle:
+        raise ConfigError(
+            f"train.parallel: fsdp: method {method.name!r} cannot run on a sharded base "
+            f"({method.fsdp_obstacle}); use train.parallel: data"
+        )
+    if config.model.quantization:
+        raise ConfigError(
+            "train.parallel: fsdp cannot shard a quantised base (FSDP shards floating-point weights): "
+            "use model.quantization with train.parallel: data, or fsdp without quantisation"
+        )
+
+
+def load_placement(config: RunConfig) -> tuple[str, str]:
+    """The device and dtype the base is loaded with: the configured ones; with `train.parallel: fsdp` over
+    several processes on a GPU, host memory first (in the dtype the GPU would get), so that only each
+    process's shard of the decoder blocks ever reaches its GPU (`distributed.shard_frozen_base`)."""
+    m = config.model
+    if config.train.parallel != "fsdp" or not distributed.active():
+        return m.device, m.dtype
+    target = resolve_device(m.device)
+    if target.type == "cpu":
+        return m.device, m.dtype
+    return "cpu", str(resolve_dtype(m.dtype, target)).removeprefix("torch.")
 
 
 def _lock_run_dir(lock: FolderLock) -> None:
