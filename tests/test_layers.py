@@ -1,5 +1,6 @@
 """The package's import graph: folders are layers of the pipeline and imports point down, never up, and
-there are no cycles (the guide's shape: recipes > outputs > methods > models > engine > data > base)."""
+there are no cycles (the guide's shape: cli and api > recipes > outputs > methods > models > engine > data >
+base)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loracl"
 # Higher layers may import lower ones (and their own); top-level modules not listed form the base layer.
 LAYERS = {
-    "cli": 7, "__main__": 7, "recipes": 6, "outputs": 5, "methods": 4, "models": 3, "engine": 2, "data": 1
+    "cli": 7, "__main__": 7, "api": 7, "recipes": 6, "outputs": 5, "methods": 4, "models": 3, "engine": 2,
+    "data": 1,
 }
+# The package root forwards `loracl.run` & co. to the Python API on first access (inside its __getattr__,
+# so `import loracl` loads nothing): the one import that points up, from a facade nothing below imports
+# for it (they import the root only for __version__).
+FACADE = {("loracl", "loracl.api")}
 
 
 def module_name(path: Path) -> str:
@@ -54,7 +60,7 @@ def test_no_module_imports_a_higher_layer() -> None:
         f"{source} -> {target}"
         for source, targets in graph().items()
         for target in targets
-        if layer(target) > layer(source)
+        if layer(target) > layer(source) and (source, target) not in FACADE
     ]
     assert not upward
 
