@@ -34,6 +34,18 @@ DOUBLE = torch.float64
 
 
 # -- transcriptions of the authors' code --------------------------------------------------------------------
+def authors_count(ratio: torch.Tensor, accumulated: torch.Tensor, threshold: float) -> int:
+    """The later-task loop both authors' codes share: append directions while the fraction is below ε."""
+    r = 0
+    for value in ratio:
+        if accumulated < threshold:
+            accumulated = accumulated + value
+            r += 1
+        else:
+            break
+    return r
+
+
 def authors_gpm(features: list[torch.Tensor] | None, activations: list[torch.Tensor], threshold: float):
     """GPM's update_GPM, per layer, on representation matrices R (n x N)."""
     if features is None:  # after the first task
@@ -51,14 +63,7 @@ def authors_gpm(features: list[torch.Tensor] | None, activations: list[torch.Ten
         R_hat = R - M @ M.T @ R
         U, S, _ = torch.linalg.svd(R_hat, full_matrices=False)
         ratio = S**2 / total
-        accumulated = (total - (S**2).sum()) / total
-        r = 0
-        for value in ratio:
-            if accumulated < threshold:
-                accumulated += value
-                r += 1
-            else:
-                break
+        r = authors_count(ratio, (total - (S**2).sum()) / total, threshold)
         if r == 0:
             out.append(M)
             continue
@@ -81,14 +86,7 @@ def authors_dual_gpm(
     act_hat = activation - feature @ feature.T @ activation
     U, S, _ = torch.linalg.svd(act_hat, full_matrices=False)
     ratio = S**2 / total
-    accumulated = (total - (S**2).sum()) / total
-    r = 0
-    for value in ratio:
-        if accumulated < threshold:
-            accumulated += value
-            r += 1
-        else:
-            break
+    r = authors_count(ratio, (total - (S**2).sum()) / total, threshold)
     if r == 0:
         return feature
     stacked = torch.cat([feature, U[:, :r]], dim=1)
