@@ -160,3 +160,29 @@ def test_smollm2_loads_and_answers(tmp_path):
     assert out.shape[1] > ids["input_ids"].shape[1]
     again = load_model("smollm2-135m", dtype="float32", device="cpu", cache_dir=str(tmp_path))  # from cache
     assert again.path == loaded.path
+
+
+def test_a_model_that_will_not_fit_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """The weights' size is estimated on the meta device before any is read: exact for an unquantised load,
+    and more than the free memory gives one line (exit status 2 from the CLI) without loading anything."""
+    from loracl.cli import main
+    from loracl.models import base_model
+
+    folder = saved_tiny_llama(tmp_path / "m", torch.float32)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    params = sum(p.numel() for p in load_model(folder, dtype="bfloat16", device="cpu").model.parameters())
+    options = base_model.loading_options(torch.bfloat16, torch.device("cpu"))
+    assert base_model.estimated_weight_bytes(AutoModelForCausalLM, config, options) == 2 * params
+    loaded = []
+    monkeypatch.setattr(base_model, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ModelError, match=r"needs about 0\.0 GiB for its weights, but cpu has 0\.0 GiB free"):
+        load_model(folder, dtype="float32", device="cpu")
+    assert not loaded
+    args = ["run", "configs/tiny.yaml", "--set", f"model.name={folder}", "--output", str(tmp_path / "run")]
+    capsys.readouterr()  # what saving the model printed
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs about" in err and not (tmp_path / "run").exists()

@@ -376,6 +376,59 @@ def loading_options(
     return options
 
 
+# Bits per weight of a quantised base: bitsandbytes' NF4 with double quantisation stores ~4.1 (plus the
+# layers it leaves unquantised, counted at the compute dtype by the margin below); LLM.int8 stores 8.
+_QUANTIZED_BITS = {"4bit": 4.5, "8bit": 8.0}
+_FIT_MARGIN = 1.1  # what the load needs beyond the weights themselves (buffers, allocator slack)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for the weights on `device`: the GPU's free memory, or the host's MemAvailable (Linux);
+    None where it cannot be read (then no estimate is made)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimated_weight_bytes(auto, config, options: dict[str, object]) -> int:
+    """Bytes of the weights once loaded: parameters counted on the meta device (no memory), at the load's
+    dtype or its quantised width."""
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    count = sum(p.numel() for p in skeleton.parameters())
+    quantized = options.get("quantization_config")
+    if quantized is not None:
+        bits = _QUANTIZED_BITS["4bit" if getattr(quantized, "load_in_4bit", False) else "8bit"]
+        return int(count * bits / 8)
+    return count * torch.empty((), dtype=options.get("dtype", torch.float32)).element_size()
+
+
+def check_fits(path: str, auto, config, options: dict[str, object]) -> None:
+    """Refuse, before any weight is read, a model whose weights alone would not fit where they go (one line
+    with the estimate and what to change), rather than failing after minutes of loading or being killed."""
+    placement = options.get("device_map", {"": torch.device("cpu")})
+    device = torch.device(next(iter(placement.values())))
+    free = free_memory_bytes(device)
+    if free is None:
+        return
+    needed = estimated_weight_bytes(auto, config, options)
+    if needed * _FIT_MARGIN > free:
+        gib = 2**30
+        raise ModelError(
+            f"model.name: {path!r} needs about {needed / gib:.1f} GiB for its weights, but {device} has "
+            f"{free / gib:.1f} GiB free; use model.quantization: 4bit, train.parallel: fsdp over more "
+            "processes, or a smaller model"
+        )
+
+
 def _load_pretrained(
     path: str, local_only: bool, options: dict[str, object]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -383,6 +436,7 @@ def _load_pretrained(
     config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     seq2seq = getattr(config, "is_encoder_decoder", False)
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    check_fits(path, auto, config, options)
     model = auto.from_pretrained(path, config=config, local_files_only=local_only, **options)
     return model, tokenizer
 
