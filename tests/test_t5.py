@@ -342,6 +342,8 @@ def test_every_method_runs_on_t5(finished):
     configs = adapter_configs(out / "adapter")
     assert configs and all(c["task_type"] == "SEQ_2_SEQ_LM" for c in configs)
     assert all(sorted(c["target_modules"]) == ["q", "v"] for c in configs)
+    assert sorted(results["lora_targets"]) == ["q", "v"]  # what was adapted, not the config's default names
+    assert " on q, v;" in (out / "report.md").read_text()  # the report's setup line says the same
     names = [n for n, _ in model.named_parameters() if "lora_A" in n]
     assert any(".encoder." in n for n in names) and any(".EncDecAttention." in n for n in names)
     logs = sorted((out / "tasks").glob("*/train_log.jsonl"))

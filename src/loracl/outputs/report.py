@@ -110,9 +110,11 @@ def setup_line(results: dict[str, Any]) -> str:
     if not c:
         return ""
     lora, train, bench = c["lora"], c["train"], c["benchmark"]
+    targets = results.get("lora_targets", lora["target_modules"])  # runs before it recorded only the config
+    on = targets if isinstance(targets, str) else ", ".join(targets)
     return (
         f"Setup: LoRA r={lora['r']}, alpha={lora['alpha']} on "
-        f"{', '.join(lora['target_modules'])}; lr {train['lr']}, {train['epochs']} epoch(s), batch "
+        f"{on}; lr {train['lr']}, {train['epochs']} epoch(s), batch "
         f"{train['batch_size']}x{train['grad_accum']}, max length {train['max_length']}, "
         f"seed {train['seed']}; "
         f"caps: {bench['max_train'] or 'all'} train / {bench['max_test'] or 'all'} test examples per task."

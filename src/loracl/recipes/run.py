@@ -55,7 +55,7 @@ from loracl.locking import LOCK_NAME, FolderLock
 from loracl.methods import ContinualMethod, create_method
 from loracl.methods.context import TaskContext
 from loracl.models.base_model import LoadedModel, load_model, resolve_device, resolve_dtype
-from loracl.models.lora import check_lora_targets
+from loracl.models.lora import check_lora_targets, target_modules
 from loracl.outputs.provenance import data_files, model_card, provenance
 from loracl.outputs.report import (
     LOSS_PLOT,
@@ -366,6 +366,8 @@ class ContinualRun:
             "loracl_version": __version__,
             "provenance": run_provenance(self.tasks, str(next(self.model.parameters()).device), c.eval.split),
             "config": c.model_dump(mode="json"),
+            # what PEFT adapted: the configured names, or their per-architecture reading (T5: q, v)
+            "lora_targets": target_modules(self.loaded.model, c.lora),
             "resumed_after": [],  # finished tasks at each --resume of this run
             "complete": False,
         }
