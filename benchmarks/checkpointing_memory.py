@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from cost_common import print_figures, ratio, run_main
-from load_memory import GB, SIZES, build_checkpoint, peak_rss_bytes
+from load_memory import GB, SIZES, build_checkpoint, child, peak_rss_bytes
 
 QUICK_TOKENS = 64
 
@@ -80,16 +78,6 @@ def step_in_child(folder: str, checkpointing: bool, tokens: int, dtype: str, thr
             "peak_is_step_only": exact}  # fmt: skip
 
 
-def child(argv: list[str]) -> dict:
-    """Run this script's `--child` part in a fresh interpreter; its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"child {argv[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and 64 tokens: seconds")
@@ -111,11 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokens = args.tokens or (QUICK_TOKENS if args.quick else 512)
     options = ["--dtype", args.dtype]
     with tempfile.TemporaryDirectory(prefix="loracl-checkpointing-memory-") as folder:
-        built = child(["build", folder, *map(str, shape)])
+        built = child(["build", folder, *map(str, shape)], __file__)
         print(f"built {built['params'] / 1e9:.3f}B parameters; one step of {tokens} tokens each way")
         threads = str(args.threads or 0)
         plain, ckpt = (
-            child(["step", folder, flag, str(tokens), threads, *options]) for flag in ("off", "on")
+            child(["step", folder, flag, str(tokens), threads, *options], __file__) for flag in ("off", "on")
         )
     if not (plain["peak_is_step_only"] and ckpt["peak_is_step_only"]):
         print("note: VmHWM could not be reset: the peaks include loading")

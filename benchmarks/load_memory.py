@@ -100,10 +100,10 @@ def load_in_child(mode: str, folder: str, dtype: str) -> dict:
     return {"import_rss": imported, "peak_rss": peak_rss_bytes(), "seconds": seconds, "dtypes": dtypes}
 
 
-def child(argv: list[str]) -> dict:
-    """Run this script's `--child` part in a fresh interpreter; its JSON answer."""
+def child(argv: list[str], script: str = __file__) -> dict:
+    """Run a script's (default: this one's) `--child` part in a fresh interpreter; its JSON answer."""
     done = subprocess.run(
-        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False
+        [sys.executable, script, "--child", *argv], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(f"child {argv[0]} failed:\n{done.stderr[-4000:]}")
