@@ -53,3 +53,33 @@ def learn(config, method, model, ctx) -> None:
     method.before_task(model, ctx)
     train_task(model, method, ctx.encoded, config.train, ctx.pad_id, seed=ctx.index)
     method.after_task(model, ctx)
+
+
+def generation_logits(
+    model, tokenizer, prompts: list[list[int]], steps: int = 3, pad_left: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """Greedy generation with the KV cache of `steps` tokens: (ids, mask, sequences, logits per step).
+    Prompts are padded on the left (a decoder-only model) or, with pad_left False, on the right (an
+    encoder's input, as the evaluator pads it)."""
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+
+    def padded(p: list[int], fill: int) -> list[int]:
+        extra = [fill] * (width - len(p))
+        return extra + p if pad_left else p + extra
+
+    ids = torch.tensor([padded(p, pad) for p in prompts])
+    mask = torch.tensor([padded([1] * len(p), 0) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+    return ids, mask, out.sequences, torch.stack(out.logits, dim=1)

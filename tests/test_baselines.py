@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from method_helpers import LAYER0, SHORT, TINY, learn, setup
+from method_helpers import LAYER0, SHORT, TINY, generation_logits, learn, setup
 
 from loracl.config import load_config
 from loracl.data import load_tasks
@@ -138,25 +138,6 @@ def finished(request, tmp_path_factory):
         mp.setattr(runner.ContinualRun, "finish", finish)
         results = runner.run(config, out)
     return request.param, config, results, out, kept["model"]
-
-
-def generation_logits(model, tokenizer, prompts: list[list[int]], steps: int = 3) -> tuple[torch.Tensor, ...]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return ids, mask, out.sequences, torch.stack(out.logits, dim=1)
 
 
 def test_results_record_adapter_growth(finished):

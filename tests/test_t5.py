@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from method_helpers import ROOT, SHORT
+from method_helpers import ROOT, SHORT, generation_logits
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import T5ForConditionalGeneration
@@ -259,22 +259,7 @@ def test_the_gate_pools_the_encoder_embeddings_over_the_prompt(tmp_path):
 
 def t5_generation(model, tokenizer, prompts: list[list[int]], steps: int = 3):
     """Right-padded prompts (as the evaluator pads an encoder's input), greedy with the KV cache."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([p + [tokenizer.pad_token_id] * (width - len(p)) for p in prompts])
-    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return ids, mask, out.sequences, torch.stack(out.logits, dim=1)
+    return generation_logits(model, tokenizer, prompts, steps, pad_left=False)
 
 
 def test_gainlora_cached_generation_equals_teacher_forced_scoring(tmp_path):
