@@ -2,6 +2,7 @@
 
 The Python API (loracl.api), loaded on first use so that `import loracl` stays light:
 - `loracl.run(config, tasks=..., model=..., output_dir=...)`: a run, as `loracl run`; returns its results;
+- `loracl.continue_run(run_dir, tasks=[...])`: more tasks for a run, as `loracl continue`;
 - `loracl.register`, `loracl.unregister`, `loracl.register_state_class`: methods and their checkpointed
   state classes defined outside the package (see loracl.methods for plugins' entry points).
 """
@@ -18,9 +19,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import register, register_state_class, run, unregister
+    from .api import continue_run, register, register_state_class, run, unregister
 
-_API = ("register", "register_state_class", "run", "unregister")
+_API = ("continue_run", "register", "register_state_class", "run", "unregister")
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["__version__", "register", "register_state_class", "run", "unregister"]
+__all__ = ["__version__", "continue_run", "register", "register_state_class", "run", "unregister"]

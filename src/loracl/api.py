@@ -17,6 +17,8 @@
     )
     results["metrics"]["AP"]
 
+More tasks for a finished run: `loracl.continue_run("runs/notebook", ["yelp"])` (as `loracl continue`).
+
 It returns results.json's content and writes the same run directory as the command line (so `loracl run
 --resume`, `export`, `eval`, `report` work on it). It reads no command line and never exits: bad input raises
 loracl's own exceptions (loracl.errors: ConfigError, DataError, ModelError, CheckpointError, ...; each one
@@ -57,7 +59,7 @@ from loracl.methods import register, register_state_class, unregister
 if TYPE_CHECKING:
     from loracl.models.base_model import LoadedModel
 
-__all__ = ["LoraclError", "register", "register_state_class", "run", "unregister"]
+__all__ = ["LoraclError", "continue_run", "register", "register_state_class", "run", "unregister"]
 
 TASKS_DIR = "_tasks"  # beside the run directory: the folders of in-memory tasks, by digest
 
@@ -96,6 +98,24 @@ def run(
             root = Path(data_dir) if data_dir is not None else run_dir.absolute().parent / TASKS_DIR
             _use_tasks(built, tasks, root.absolute())
     return runner.run(built, output_dir, overwrite=overwrite, resume=resume, loaded=loaded)
+
+
+def continue_run(
+    run_dir: str | os.PathLike[str],
+    tasks: Sequence[str],
+    *,
+    overrides: Sequence[str] = (),
+    data_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Append the tasks named `tasks` (in the run's benchmark and data folder; `data_dir` if it moved) to the
+    run in `run_dir` and learn them, as `loracl continue`; returns results.json's content. The run ends as
+    one run over the whole sequence would (loracl.recipes.extend). `overrides`: as `loracl continue --set`."""
+    from loracl.recipes.extend import continue_run as extend_run
+
+    if isinstance(tasks, str):
+        raise ConfigError("continue_run: tasks must be a list of task names, not one string")
+    moved = [f"benchmark.data_dir={Path(data_dir).absolute()}"] if data_dir is not None else []
+    return extend_run(run_dir, list(tasks), [*overrides, *moved])
 
 
 # --- the config ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import ConfigError, LoraclError, RunInterrupted
+from .errors import HELD_BACK_EXIT, ConfigError, LoraclError, RunInterrupted
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -91,16 +91,77 @@ class _ReportTo(argparse.Action):
         namespace.overrides = [*namespace.overrides, f"tracking.report_to={chosen}"]
 
 
+class _ConfigKey(argparse.Action):
+    """An option that stands for one config key (`--keep-versions 3`: versions.keep=3), appended to the
+    overrides so it reaches the config, config.yaml and --resume's check like any --set; the config
+    validates the value (one line, exit status 2)."""
+
+    def __init__(self, *args, key: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        from .outputs.deploy import assignment  # a quoted literal: a folder named `no` or holding ": "
+
+        setattr(namespace, self.dest, values)
+        namespace.overrides = [*namespace.overrides, assignment(self.key, values)]
+
+
+VERSIONS_EPILOG = f"""adapter versions (loracl.outputs.versions): the adapter after every finished task
+is kept as RUN/versions/v<k>/, its scores in RUN/versions.json; adapter/ holds the promoted one. SLAO's
+adapter has a constant size, so its versions cost T x one adapter (--keep-versions N bounds that). With
+--max-forgetting X, a version whose average drop on earlier tasks (the mean over j < k of a[j][j] - a[k][j],
+in points, on the test sets or on the --guard-set) exceeds X is kept as a candidate, not promoted; the next
+task trains on from the method's state as usual. `loracl versions RUN` lists them, `loracl promote RUN
+--version K` serves another one, `loracl export RUN --version K` exports one.
+
+exit status: 0 done; {HELD_BACK_EXIT} done, but the last version was held back (adapter/ serves an earlier
+one; report.md says why); 2 bad input or a failed write (one line); 130 interrupted."""
+
+
+def _versions_arguments(p: argparse.ArgumentParser) -> None:
+    """--keep-versions, --max-forgetting, --guard-set: the versions.* config keys of a run."""
+    p.add_argument(
+        "--keep-versions",
+        action=_ConfigKey,
+        key="versions.keep",
+        type=int,
+        metavar="N",
+        help="keep the folders of only the N newest adapter versions and the promoted one (versions.keep; "
+        "default: all; SLAO's versions are constant-size: T x one adapter)",
+    )
+    p.add_argument(
+        "--max-forgetting",
+        action=_ConfigKey,
+        key="versions.max_forgetting",
+        type=float,
+        metavar="X",
+        help="forgetting guard: do not promote a version whose average drop on earlier tasks exceeds X "
+        f"points (versions.max_forgetting); the run then exits with status {HELD_BACK_EXIT}",
+    )
+    p.add_argument(
+        "--guard-set",
+        action=_ConfigKey,
+        key="versions.guard_set",
+        metavar="DIR",
+        help="measure the drop on DIR/<task>.jsonl (one per task, lines as the jsonl benchmark's test.jsonl) "
+        "instead of the test sets (versions.guard_set)",
+    )
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="run a continual-learning sequence from a YAML config",
         description="Train on each task of a sequence in turn with a continual-learning method, evaluate on "
         "every task after each one (eval.matrix=metrics: only on those the metrics read), and write a run "
-        "directory (config.yaml, results.json, report.md, matrix.png, loss.png, adapter/, tasks/; tracking/ "
-        "with --report-to).",
+        "directory (config.yaml, results.json, report.md, matrix.png, loss.png, adapter/, versions/, "
+        "versions.json, tasks/; tracking/ with --report-to).",
         epilog="Any config key can be set with --set, e.g. --set model.name=tiny-random-llama "
-        "--set lora.r=16 --set benchmark.order=order2 --set method.merge=A_and_B",
+        "--set lora.r=16 --set benchmark.order=order2 --set method.merge=A_and_B\n\n"
+        "examples:\n  loracl run configs/demo.yaml --output runs/prod --max-forgetting 5 --keep-versions 3\n"
+        "  loracl run configs/demo.yaml -o runs/prod --max-forgetting 5 --guard-set data/guard\n\n"
+        + VERSIONS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
@@ -129,6 +190,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="also log to experiment trackers: tensorboard, wandb, mlflow, trackio (repeatable or "
         "comma-separated; none: no tracker); sets tracking.report_to; logs go under RUN_DIR/tracking/",
     )
+    p.add_argument(
+        "--init-adapter",
+        dest="init_adapter",
+        metavar="DIR",
+        help="start from this PEFT LoRA folder, as the result of a task 0 that is not evaluated (its r, "
+        "alpha, target modules and base model must be the run's); sets lora.init_adapter",
+    )
+    _versions_arguments(p)
     p.set_defaults(handler=_cmd_run)
 
 
@@ -137,10 +206,72 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .config import load_config
 
+    if args.init_adapter is not None:  # an override like any --set: config.yaml and --resume's check see it
+        from loracl.outputs.deploy import assignment
+
+        args.overrides.append(assignment("lora.init_adapter", args.init_adapter))
     given = args.config is not None or args.overrides
     config = load_config(args.config, args.overrides) if given or not args.resume else None
-    run(config, args.output, overwrite=args.overwrite, resume=args.resume)
-    return 0
+    results = run(config, args.output, overwrite=args.overwrite, resume=args.resume)
+    return HELD_BACK_EXIT if results.get("held_back") else 0  # the last version not served (versions.*)
+
+
+def _add_continue(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "continue",
+        help="append tasks to a finished run and learn them",
+        description="Extend a run's task sequence: the method resumes from the checkpoint after the run's "
+        "last task (its whole state: SLAO's merged B and task count, GPM's bases, EWC's Fisher, the replay "
+        "memory, ...), learns each new task and evaluates as `loracl run` does, and the run directory is "
+        "rewritten as that of the longer sequence (matrix, zero-shot scores, metrics, report, adapter/). "
+        "The result is what one run over the whole sequence with the same seed gives. The new tasks come "
+        "from the run's benchmark and data folder (--data-dir: the folder moved; its old tasks must be the "
+        "files the run read). Interrupted, it resumes with the same command or `loracl run --resume`.",
+        epilog="examples:\n"
+        "  loracl run configs/demo.yaml --output runs/prod\n"
+        "  loracl continue runs/prod --tasks yelp\n"
+        "  loracl continue runs/prod --tasks mnli,qqp --data-dir /data/cl_benchmark\n\n"
+        "Entries of the earlier rows for the new tasks are marked not evaluated (those models no longer "
+        "exist), but the last old task's row, which the FWT metric reads; forgetting, which reads them for "
+        "every new task but the last, is null when two or more tasks are added. Refused in one line (exit "
+        "status 2, the run unchanged): a task already in the run, a "
+        "--set of anything but output, cache, evaluation matrix, tracking or versions keys, a joint or "
+        "untrained method, a checkpoint of another format. Exit status as `loracl run`'s (3: the last "
+        "version was held back by --max-forgetting).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run directory (finished, or interrupted)")
+    p.add_argument("--tasks", required=True, help="comma-separated names of the tasks to append, in order")
+    p.add_argument("--data-dir", help="the run's data folder, if it moved")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a key a continued run may change (eval.matrix, tracking.*, model.cache_dir, ...)",
+    )
+    p.add_argument(
+        "--report-to",
+        dest="report_to",
+        action=_ReportTo,
+        default=[],
+        metavar="TRACKER",
+        help="also log to experiment trackers (as `loracl run --report-to`)",
+    )
+    _versions_arguments(p)
+    p.set_defaults(handler=_cmd_continue)
+
+
+def _cmd_continue(args: argparse.Namespace) -> int:
+    from loracl.recipes.extend import continue_run
+
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        overrides.append(f"benchmark.data_dir={args.data_dir}")
+    tasks = [name.strip() for name in args.tasks.split(",")]
+    results = continue_run(args.run_dir, tasks, overrides)
+    return HELD_BACK_EXIT if results.get("held_back") else 0  # as `loracl run`
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -150,9 +281,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description="Write the final adapter of a run to a folder: a stock PEFT LoRA for single-adapter "
         "methods such as SLAO (servable as is, e.g. by vLLM --enable-lora), the loracl multi-adapter layout "
         "for inc_lora/olora/inflora/gainlora. With --merge, write the base model with the adapter(s) added "
-        "into its weights (safetensors + config + tokenizer), loadable by transformers alone.",
+        "into its weights (safetensors + config + tokenizer), loadable by transformers alone. With "
+        "--version K, the adapter version kept after task K (`loracl versions RUN`) instead of adapter/.",
+        epilog="examples:\n  loracl export runs/tiny --to exported/tiny --merge\n"
+        "  loracl export runs/prod --version 2 --to exported/prod-v2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--version", type=int, metavar="K", help="export adapter version K (versions/vK/)")
     p.add_argument(
         "--to", required=True, metavar="DIR", help="folder to create (absent or empty; outside the run)"
     )
@@ -167,10 +303,63 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from loracl.outputs.export import export
+    from loracl.outputs.versions import export_version
 
-    target = export(args.run_dir, args.to, merge=args.merge, overwrite=args.overwrite)
+    if args.version is None:
+        target = export(args.run_dir, args.to, merge=args.merge, overwrite=args.overwrite)
+    else:
+        target = export_version(args.run_dir, args.version, args.to, args.merge, args.overwrite)
     kind = "merged model (transformers folder)" if args.merge else "adapter"
     print(f"exported the {kind} to {target}")
+    return 0
+
+
+def _add_versions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "versions",
+        help="list a run's adapter versions (one per finished task) and which one adapter/ serves",
+        description="List the adapter versions of a run (RUN/versions/v<k>/, RUN/versions.json): version, "
+        "task, time, AP so far (mean score on the tasks learnt up to it), drop (average drop on earlier "
+        "tasks, in points, what --max-forgetting limits) and status: promoted (served: adapter/ holds it), "
+        "candidate (held back by the forgetting guard) or deleted (pruned by --keep-versions).",
+        epilog="examples:\n  loracl versions runs/prod\n  loracl promote runs/prod --version 3\n"
+        "  loracl export runs/prod --version 3 --to exported/prod-v3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run directory")
+    p.set_defaults(handler=_cmd_versions)
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from loracl.outputs.versions import listing
+
+    print(printable(listing(args.run_dir), sys.stdout))
+    return 0
+
+
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="serve another adapter version of a finished run from its adapter/",
+        description="Copy adapter version K (RUN/versions/vK/) into RUN/adapter/ (atomically; the model card "
+        "kept) and record it in versions.json (promoted, history), results.json (promoted_version, "
+        "held_back) and report.md: overrides the forgetting guard, or rolls back to an earlier version. "
+        "Takes the run directory's lock: refused while a run or another command holds it. An unknown or "
+        "deleted version, or a run without versions, is refused in one line (exit status 2), nothing "
+        "changed.",
+        epilog="examples:\n  loracl versions runs/prod\n  loracl promote runs/prod --version 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("--version", type=int, required=True, metavar="K", help="the version to serve")
+    p.set_defaults(handler=_cmd_promote)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from loracl.outputs.versions import promote
+
+    entry = promote(args.run_dir, args.version)
+    print(printable(f"{args.run_dir}: adapter/ serves version {args.version} ({entry['task']})", sys.stdout))
     return 0
 
 
@@ -601,7 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(sub)
+    _add_continue(sub)
     _add_export(sub)
+    _add_versions(sub)
+    _add_promote(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_bench(sub)

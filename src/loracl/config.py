@@ -98,6 +98,13 @@ class LoraSection(_Section):
         description="layers to adapt; the default names the attention's query and value projections "
         "(on a T5-style model: q, v); [all-linear]: every linear layer but the output head",
     )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) to start from, "
+        "as the result of a task 0 trained before the run (not evaluated); its r, alpha, target modules "
+        "and base model must be the run's (`loracl run --init-adapter DIR`)",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -236,6 +243,29 @@ class TrackingSection(_Section):
         return list(dict.fromkeys(names))  # a tracker named twice logs once
 
 
+class VersionsSection(_Section):
+    # Which adapter adapter/ serves, never what is trained or scored: every key may change at --resume.
+    keep: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="keep the folders of only the N newest adapter versions (versions/v<k>/) and the "
+        "promoted one; null: every version (a single-adapter method such as SLAO costs T x one adapter)",
+    )
+    max_forgetting: float | None = Field(
+        None,
+        ge=0,
+        description="forgetting guard: a new version whose average drop on earlier tasks exceeds this many "
+        "points is kept as a candidate, not promoted to adapter/ (`loracl run` then exits with status 3)",
+    )
+    guard_set: str | None = Field(
+        None,
+        min_length=1,
+        description="folder of one <task>.jsonl per task (prompt/answer lines, as the jsonl benchmark's "
+        "test.jsonl) on which the drop is measured instead of the tasks' test sets",
+    )
+
+
 class RunConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -244,6 +274,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    versions: VersionsSection = Field(default_factory=VersionsSection)
     output_dir: str | None = Field(None, description="run directory (default runs/<method>-<time>)")
 
     @field_validator("method", mode="before")

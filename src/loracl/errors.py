@@ -36,3 +36,8 @@ class RunInterrupted(LoraclError):
     """SIGINT or SIGTERM stopped a run between two training or evaluation steps; the checkpoint is kept."""
 
     exit_code = 130  # the shell's convention for a run stopped by a signal
+
+
+# `loracl run`'s exit status when the run finished but its last adapter version was held back by the
+# forgetting guard (versions.max_forgetting): adapter/ serves an earlier version (loracl.outputs.versions).
+HELD_BACK_EXIT = 3

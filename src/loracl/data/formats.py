@@ -435,6 +435,12 @@ def load_jsonl_task(task_dir: Path, *, with_test: bool = True) -> Task:
     return Task(_task_name(task_dir), train, test, [], labels, metric, str(task_dir))
 
 
+def read_jsonl_examples(path: Path, labels: Sequence[str] | None = None) -> list[Example]:
+    """The examples of one JSONL file in the fields of the jsonl benchmark's splits (a `prompt` and an
+    `answer` string or list per line), checked as they are (a forgetting guard set is such a file)."""
+    return _parse_split(_jsonl_items(path), path, _JSONL_FIELDS, labels)
+
+
 # --- the split shipped beside train and test ---------------------------------------------------------------
 
 

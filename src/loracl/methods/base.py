@@ -49,6 +49,13 @@ refused when the checkpoint is written).
 State a method sets afresh in `before_task` need not be listed. A method that attaches modules of its own
 beside the PEFT adapters re-creates them in `rebuild` so that a resumed run can load their weights.
 
+Starting from an existing adapter (`lora.init_adapter`, loracl.recipes.init_adapter): after `prepare_model`
+the runner hands the adapter's factors to `adopt`, which leaves the model and the method's state as
+`after_task` of a task 1 that had trained them would have; the run's first task is then the method's task 2
+(`ctx.index` 2). A method whose state after a task needs that task's data (input bases, a Fisher, a memory of
+examples) cannot, and says why in `init_adapter_obstacle` (the run is refused with that reason); by default a
+method cannot.
+
 `merge_obstacle` (None by default) says why the exported adapters cannot be added into the base weights,
 for methods whose model is not W0 + a fixed update (`loracl export --merge` refuses with that reason).
 
@@ -79,7 +86,7 @@ from loracl.methods import catalog
 from loracl.methods.catalog import CATALOG, Role, unknown_method
 from loracl.methods.context import TaskContext
 from loracl.methods.options import MethodOptions
-from loracl.models.lora import DEFAULT_ADAPTER, adapter_nbytes, attach_lora, save_adapter
+from loracl.models.lora import DEFAULT_ADAPTER, LoraState, adapter_nbytes, attach_lora, save_adapter
 from loracl.models.multi_lora import MANIFEST, short
 
 from ..config import LoraSection
@@ -101,6 +108,8 @@ class ContinualMethod:
     role: ClassVar[Role] = "continual"
     merge_obstacle: ClassVar[str | None] = None  # why `export --merge` is impossible; None: it is fine
     fsdp_obstacle: ClassVar[str | None] = None  # why it cannot run with train.parallel: fsdp; None: it can
+    # why it cannot start from an existing adapter (`lora.init_adapter`); None: it can, through `adopt`
+    init_adapter_obstacle: ClassVar[str | None] = "it has no way to take an adapter as the result of a task"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     state_attributes: ClassVar[tuple[str, ...]] = ()  # attributes kept between tasks (checkpointed)
     manifest_extra: ClassVar[tuple[str, ...]] = ()  # keys of the manifest's "extra" that `restore` reads
@@ -154,6 +163,15 @@ class ContinualMethod:
         """Called after training task `ctx.index`; leaves the model as it should be evaluated.
 
         `ctx.task_dir` is the run's `tasks/<i>-<task>/` folder, for per-task artefacts."""
+
+    def adopt(self, model: PeftModel, state: LoraState) -> None:
+        """Take `state` (one LoRA's factors per adapted layer, keyed as `lora_layers` names the layers of
+        the adapter `prepare_model` attached, on its device) as what a task 1 trained before the run
+        (`lora.init_adapter`): leave the model and the method's state as `after_task` of that task would
+        have. Called after `prepare_model`, before the first `before_task` (of task 2); only for a method
+        whose `init_adapter_obstacle` is None."""
+        obstacle = self.init_adapter_obstacle
+        raise NotImplementedError(f"method {self.name!r} cannot adopt an adapter: {obstacle}")
 
     def task_info(self) -> dict[str, Any]:
         """A JSON-able summary of what the method did for the task just finished (read after after_task)."""

@@ -17,7 +17,7 @@ from loracl.engine.training import collate
 
 @dataclass
 class TaskContext:
-    index: int  # 1-based position in the sequence
+    index: int  # 1-based position in the sequence (after an init adapter, the method's task 1: from 2)
     task: Task
     task_dir: Path  # the run's tasks/<i>-<task>/ folder, for per-task artefacts
     encoded: list[Encoded]  # the task's training examples, tokenized

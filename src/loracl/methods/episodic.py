@@ -32,6 +32,7 @@ class EpisodicMemoryMethod(ContinualMethod):
     Options = MemoryOptions
     options: MemoryOptions
     state_attributes = ("memory",)  # the memory pickles with its random generators' states
+    init_adapter_obstacle = "its memory after task 0 holds examples of task 0"
 
     def __init__(self, options: MemoryOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)

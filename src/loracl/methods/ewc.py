@@ -83,6 +83,7 @@ class EWC(ContinualMethod):
     Options = EWCOptions
     options: EWCOptions
     state_attributes = ("fisher", "anchor", "info")  # `params` are live parameters, found by before_task
+    init_adapter_obstacle = "its Fisher information after task 0 is computed on task 0's data"
 
     def __init__(self, options: EWCOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)

@@ -224,6 +224,7 @@ class GainLoRA(InfLoRA):
     Options = GainLoRAOptions
     options: GainLoRAOptions
     state_attributes = (*InfLoRA.state_attributes, "gate_bases")
+    init_adapter_obstacle = "task 0's gate and the input bases of its branches and gates need task 0's inputs"
     manifest_extra = ("gates", "gate_dim", "gate_hidden", "gate_count")  # what export_extra writes
 
     def __init__(self, options, lora) -> None:

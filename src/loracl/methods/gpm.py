@@ -42,6 +42,7 @@ class GPM(ContinualMethod):
     Options = GPMOptions
     options: GPMOptions
     state_attributes = ("bases",)  # `start` is set afresh by before_task
+    init_adapter_obstacle = "its basis of old inputs, which later gradients avoid, needs task 0's inputs"
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)

@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from loracl.methods.context import TaskContext
-from loracl.models.lora import attach_lora
+from loracl.models.lora import LoraState, attach_lora, set_lora_state
 from loracl.models.multi_lora import activate_all, add_task_adapter, save_task_adapters, task_adapter
 
 from .base import ContinualMethod, register
@@ -25,6 +25,7 @@ class IncLoRA(ContinualMethod):
     summary = "a new LoRA per task, old LoRAs frozen, all summed: W0 + sum_j s B_j A_j"
     data_free = True
     memory_growth = "O(T): one LoRA per task"
+    init_adapter_obstacle = None  # a task leaves its LoRA behind, nothing else (`adopt`)
 
     def prepare_model(self, base: PreTrainedModel) -> PeftModel:
         return attach_lora(base, self.lora, adapter=task_adapter(1))
@@ -34,6 +35,11 @@ class IncLoRA(ContinualMethod):
         current = task_adapter(ctx.index)
         add_task_adapter(model, self.lora, current)
         activate_all(model, trainable=current)
+
+    def adopt(self, model: PeftModel, state: LoraState) -> None:
+        """The adapter as task 1's LoRA (`prepare_model` attached `task1`); task 2 adds its own and freezes it
+        (`before_task`; METHODS.md, inc_lora: old ones frozen), as after any task."""
+        set_lora_state(model, state, task_adapter(1))
 
     def export_extra(self, model: PeftModel, directory: Path) -> dict[str, Any]:
         """Write method-specific state files beside the adapters; returns the manifest's `extra` entry."""

@@ -44,6 +44,7 @@ class InfLoRA(IncLoRA):
     Options = InfLoRAOptions
     options: InfLoRAOptions
     state_attributes = ("bases",)
+    init_adapter_obstacle = "its basis of old tasks' inputs, which designs the next A, needs task 0's inputs"
 
     def __init__(self, options, lora) -> None:
         super().__init__(options, lora)

@@ -61,6 +61,7 @@ class MergingMethod(ContinualMethod):
     Options = MergingOptions
     options: MergingOptions
     state_attributes = ("task_vectors", "scalings", "info")
+    init_adapter_obstacle = None  # a task leaves its task vector behind, nothing else (`adopt`)
 
     def __init__(self, options: MergingOptions, lora: LoraSection) -> None:
         super().__init__(options, lora)
@@ -101,12 +102,8 @@ class MergingMethod(ContinualMethod):
         model.set_adapter(DEFAULT_ADAPTER)  # train the sequential LoRA, from where the last task left it
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
-        self.scalings = {name: float(layer.scaling[DEFAULT_ADAPTER]) for name, layer in lora_layers(model)}
-        self.task_vectors.append(get_lora_state(model))
         save_adapter(model, ctx.task_dir / "adapter_ft")
-        width = self.adapter_rank(model)
-        merged = self.merge(width)
-        self.install(model, {name: t.pair for name, t in merged.items()}, width)
+        merged = self.conclude(model)
         save_adapter(model, ctx.task_dir / "adapter_merged", MERGED_ADAPTER)
         per_layer = {
             name: {"rank": self.merged_rank, "energy_kept": t.energy_kept, "dense_rank": t.dense_rank}
@@ -114,6 +111,24 @@ class MergingMethod(ContinualMethod):
         }
         if distributed.is_main():
             (ctx.task_dir / "merge_info.json").write_text(json.dumps(per_layer, indent=2), encoding="utf-8")
+
+    def adopt(self, model: PeftModel, state: LoraState) -> None:
+        """The adapter as the sequential LoRA after task 1 (the next task trains on from it) and its s B A as
+        task 1's task vector τ_1 (METHODS.md, magmax: τ_i = ΔW after task i), merged and installed as after
+        task 1. An adapter/ folder of a merging run is
+        its merged delta, of another rank: its tasks/<i>-<task>/adapter_ft is the LoRA to start from."""
+        set_lora_state(model, state)
+        self.conclude(model)
+
+    def conclude(self, model: PeftModel) -> dict[str, Truncation]:
+        """What after_task keeps of a task: the sequential LoRA's factors as the next task vector, the merge
+        of every task vector so far, installed in the "merged" adapter, and the `info` summary; returns the
+        merge."""
+        self.scalings = {name: float(layer.scaling[DEFAULT_ADAPTER]) for name, layer in lora_layers(model)}
+        self.task_vectors.append(get_lora_state(model))
+        width = self.adapter_rank(model)
+        merged = self.merge(width)
+        self.install(model, {name: t.pair for name, t in merged.items()}, width)
         energies = [t.energy_kept for t in merged.values()]
         self.info = {
             "tasks_merged": len(self.task_vectors),
@@ -123,6 +138,7 @@ class MergingMethod(ContinualMethod):
             "energy_kept_min": min(energies),
             "dense_rank_max": max(t.dense_rank for t in merged.values()),
         }
+        return merged
 
     def install(self, model: PeftModel, state: LoraState, width: int) -> None:
         """Write the merged factors into the "merged" adapter of rank `width` (created on first use; scaling

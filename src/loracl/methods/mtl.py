@@ -18,3 +18,4 @@ class MultiTask(ContinualMethod):
     memory_growth = "constant (one LoRA), but every task's data at once"
     joint_training = True
     role = "upper_bound"
+    init_adapter_obstacle = "it trains once on every task's data jointly: no task comes before the others"

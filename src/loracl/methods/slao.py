@@ -85,6 +85,7 @@ class SLAO(ContinualMethod):
     Options = SLAOOptions
     options: SLAOOptions
     state_attributes = ("finetuned", "merged")
+    init_adapter_obstacle = None  # its state after a task is that task's factors alone (`adopt`)
 
     def __init__(self, options: SLAOOptions, lora) -> None:
         super().__init__(options, lora)
@@ -132,11 +133,22 @@ class SLAO(ContinualMethod):
         set_trainable(model, A=freeze != "A", B=freeze != "B")
 
     def after_task(self, model: PeftModel, ctx: TaskContext) -> None:
-        self.finetuned = get_lora_state(model)
         save_adapter(model, ctx.task_dir / "adapter_ft")
-        self.merged = self.merge(ctx.index, self.finetuned)
-        set_lora_state(model, self.merged)  # evaluate and export W0 + s B_m A_m
+        self.conclude(model, ctx.index, get_lora_state(model))
         save_adapter(model, ctx.task_dir / "adapter_merged")
+
+    def conclude(self, model: PeftModel, task_index: int, finetuned: LoraState) -> None:
+        """What after_task keeps of task i: A_ft,i / B_ft,i, the merge B_m,i (METHODS.md), and the model set
+        to W0 + s B_m,i A_m,i for evaluation and export."""
+        self.finetuned = finetuned
+        self.merged = self.merge(task_index, finetuned)
+        set_lora_state(model, self.merged)
+
+    def adopt(self, model: PeftModel, state: LoraState) -> None:
+        """The adapter as task 1's fine-tuned A_ft,1 / B_ft,1, merged as after task 1 (METHODS.md, SLAO:
+        A_m1 = A_ft1, B_m1 = B_ft1): the next task is i = 2, initialised from the orthonormal basis of the
+        adopted A's rows and the adopted B, and merged with λ(2)."""
+        self.conclude(model, 1, state)
 
     def state_bytes(self) -> int:
         return lora_state_nbytes(self.finetuned) + lora_state_nbytes(self.merged)

@@ -18,3 +18,4 @@ class ZeroShot(ContinualMethod):
     memory_growth = "constant (nothing is learned)"
     trains = False
     role = "reference"
+    init_adapter_obstacle = "it trains nothing: it scores the base model alone"

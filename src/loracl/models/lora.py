@@ -31,6 +31,8 @@ DEFAULT_ADAPTER = "default"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer except the output head
 LLAMA_QV = ("q_proj", "v_proj")  # the default targets (LoraSection), named as Llama-style models name them
 T5_QV = ("q", "v")  # the same layers of a T5-style attention
+# How PEFT names a layer's factors in a saved weights file: <module path><suffix>, the adapter name left out.
+LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 @dataclass
@@ -197,12 +199,17 @@ def read_adapter_state(directory: Path) -> LoraState:
     """The LoRA factors of an adapter saved in PEFT format, keyed by the saved module path (float32)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    return lora_state_of(load_file(str(Path(directory) / "adapter_model.safetensors")))
+
+
+def lora_state_of(weights: dict[str, torch.Tensor]) -> LoraState:
+    """The LoRA factors among the tensors of a PEFT weights file, keyed by the saved module path (float32
+    copies); every layer's lora_A must have its lora_B."""
     state = {}
     for key, value in weights.items():
-        if key.endswith(".lora_A.weight"):
-            layer = key.removesuffix(".lora_A.weight")
-            state[layer] = LoraPair(value.float(), weights[f"{layer}.lora_B.weight"].float())
+        if key.endswith(LORA_A_SUFFIX):
+            layer = key.removesuffix(LORA_A_SUFFIX)
+            state[layer] = LoraPair(value.float(), weights[layer + LORA_B_SUFFIX].float())
     return state
 
 

@@ -18,6 +18,7 @@ as `--model`/the adapter names it, unquantised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -44,8 +45,8 @@ from loracl.files import (
 from loracl.methods import method_class
 from loracl.models.base_model import check_quantization, load_model, quantized_dtype
 from loracl.models.multi_lora import read_tensors, short
-from loracl.outputs.deploy import Source, load_final_model, read_run_results, resolve_source
-from loracl.outputs.loading import load_adapter
+from loracl.outputs.deploy import Source, _run_method, load_final_model, read_run_results, resolve_source
+from loracl.outputs.loading import load_adapter, read_adapter_folder
 
 EXPORT_MARKER = "loracl_export.json"
 EXPORT_FORMAT = "loracl-export"
@@ -311,10 +312,21 @@ def _write_marker(staging: Path, source: Source, kind: str, hashes: dict[str, st
     write_json_durable(marker, staging / EXPORT_MARKER)
 
 
-def export(run_dir: str | Path, target: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
+def export(
+    run_dir: str | Path,
+    target: str | Path,
+    merge: bool = False,
+    overwrite: bool = False,
+    adapter_dir: Path | None = None,
+) -> Path:
     """Write the final adapter folder (as the run left it), or with `merge` the base model with every active
-    adapter added into its weights, saved with its tokenizer as a plain transformers folder."""
+    adapter added into its weights, saved with its tokenizer as a plain transformers folder. `adapter_dir`:
+    another adapter folder of the run to export instead of adapter/ (an adapter version,
+    loracl.outputs.versions.export_version), with the run's config and method."""
     source = resolve_source(run_dir)
+    if adapter_dir is not None:
+        _run_method(source.root, read_adapter_folder(adapter_dir), source.method)  # its files checked too
+        source = dataclasses.replace(source, adapter_dir=adapter_dir)
     given = Path(target)
     if merge:
         check_mergeable(source)

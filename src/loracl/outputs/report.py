@@ -118,7 +118,16 @@ def setup_line(results: dict[str, Any]) -> str:
         f"{train['batch_size']}x{train['grad_accum']}, max length {train['max_length']}, "
         f"seed {train['seed']}; "
         f"caps: {bench['max_train'] or 'all'} train / {bench['max_test'] or 'all'} test examples per task."
+        + _init_adapter_note(results.get("init_adapter"))
     )
+
+
+def _init_adapter_note(init: dict[str, Any] | None) -> str:
+    """The setup line's note on `lora.init_adapter`: the run's task 0, trained before it, never evaluated."""
+    if not init:
+        return ""
+    digest = init["sha256"][:12]
+    return f" Started from the adapter `{init['folder']}` (task 0, not evaluated; sha256 {digest}...)."
 
 
 def _loss(value: float | None) -> str:
@@ -165,8 +174,11 @@ def loss_section(loss_plot: str | None) -> str:
     )
 
 
-def write_report(results: dict[str, Any], path: Path, loss_plot: str | None = None) -> None:
-    """report.md; `loss_plot`: the loss curves' file name beside it, None when there is none (no training)."""
+def write_report(
+    results: dict[str, Any], path: Path, loss_plot: str | None = None, appendix: str = ""
+) -> None:
+    """report.md; `loss_plot`: the loss curves' file name beside it, None when there is none (no training);
+    `appendix`: sections added at the end (the adapter versions, loracl.outputs.versions)."""
     m = results["metrics"]
     per_task = results["per_task"]
     split = "validation" if results.get("eval_split") == "validation" else "test"
@@ -218,7 +230,7 @@ FWT = score on the next task before training on it, minus the base model's; see 
 Total: train {results["timings"]["train_total"]:.0f} s, eval {results["timings"]["eval_total"]:.0f} s,
 wall {results["timings"]["wall"]:.0f} s on `{results["device"]}`.
 The final adapter is in `adapter/` (stock PEFT format).
-"""
+{appendix}"""
     path.write_text(text, encoding="utf-8")
 
 

@@ -227,6 +227,15 @@ def checkpoint_version(run_dir: Path) -> int:
     return _read_latest(run_dir / CHECKPOINT_DIR)["version"]
 
 
+def checkpoint_digest(run_dir: Path) -> str | None:
+    """The config hash the run's latest checkpoint was written for (None: no task finished yet)."""
+    root = run_dir / CHECKPOINT_DIR
+    if not (root / LATEST).is_file():
+        return None
+    digest = _read_latest(root).get("config_hash")
+    return digest if isinstance(digest, str) else None
+
+
 def read_checkpoint(run_dir: Path, digest: str, device: torch.device) -> Checkpoint | None:
     """The latest complete checkpoint of `run_dir` (None when no task had finished)."""
     root = run_dir / CHECKPOINT_DIR

@@ -4,7 +4,9 @@ Run directory (other tools rely on it): config.yaml, results.json, report.md, ma
 anything was trained), adapter/ (final adapter, stock PEFT format), tasks/<i>-<task>/ for per-task artefacts
 (train_log.jsonl, predictions.jsonl, the method's files), checkpoint/ (the state after the last finished
 task, for `--resume`; see loracl.recipes.checkpoint) and, with `tracking.report_to`, tracking/ (the
-experiment trackers' files; see loracl.engine.tracking).
+experiment trackers' files; see loracl.engine.tracking). versions/v<k>/ and versions.json keep the adapter
+after every finished task; adapter/ holds the promoted one, the last unless the forgetting guard held it
+back (`loracl run` then exits with status 3; see loracl.outputs.versions).
 
 Reproducibility: the global random generators are re-seeded from (seed, task index) before each task, so
 a run resumed after task k draws the same numbers for task k + 1 as an uninterrupted run.
@@ -67,6 +69,7 @@ from loracl.outputs.report import (
     write_report,
 )
 from loracl.outputs.show import PREDICTIONS  # in tasks/<i>-<task>/: the evaluation after task i
+from loracl.outputs.versions import AdapterVersions, report_section, version_card
 from loracl.recipes.checkpoint import (
     CHECKPOINT_DIR,
     LATEST,
@@ -76,12 +79,13 @@ from loracl.recipes.checkpoint import (
     save_checkpoint,
 )
 from loracl.recipes.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from loracl.recipes.init_adapter import InitAdapter, adopt_init_adapter, read_init_adapter
 
 # Keys that may change between a run and its resumption: they do not affect any result (eval.matrix only
 # picks which entries of the accuracy matrix are evaluated, not what they score; tracking.* only where the
 # numbers are also sent; gradient checkpointing recomputes activations and gives the same gradients,
 # tests/test_gradient_checkpointing.py; sharding the frozen base changes where its weights live, not what
-# they compute, tests/test_fsdp.py).
+# they compute, tests/test_fsdp.py; versions.* decide which adapter adapter/ serves, not what is learnt).
 HARMLESS_KEYS = (
     "output_dir",
     "model.cache_dir",
@@ -90,6 +94,9 @@ HARMLESS_KEYS = (
     "tracking.project",
     "train.gradient_checkpointing",
     "train.parallel",
+    "versions.keep",
+    "versions.max_forgetting",
+    "versions.guard_set",
 )
 DATA_SUFFIXES = (".json", ".jsonl")  # the files of a task folder provenance() hashes
 
@@ -184,6 +191,8 @@ def result_relevant_config(config: RunConfig) -> str:
     flat = _flatten(config.model_dump(mode="json"))
     if flat.get("eval.split") == "test":  # added later: at its default, the hash of older checkpoints holds
         del flat["eval.split"]
+    if flat.get("lora.init_adapter", "") is None:  # added later too: unset, older checkpoints still fit
+        del flat["lora.init_adapter"]
     return json.dumps({k: v for k, v in flat.items() if k not in HARMLESS_KEYS}, sort_keys=True)
 
 
@@ -257,13 +266,18 @@ class ContinualRun:
     run_dir: Path
     zero_shot_cache: Path | None = None  # folder of base-model scores shared by runs (see zero_shot)
     lock: FolderLock | None = None  # the run directory's lock, held from preparation to the end
+    init_adapter: InitAdapter | None = None  # lora.init_adapter, read and checked: the result of a task 0
 
     def __post_init__(self) -> None:
+        # first: a bad guard set is refused before the adapters are even made
+        self.versions = AdapterVersions.of(self.config, self.tasks, self.run_dir)
         self.evaluator = LockstepEvaluator.like(make_evaluator(self.config, self.loaded.tokenizer))
         self.outcomes: dict[int, TaskResult] = {}  # the last evaluation's, by 0-based task index
         self.encoder = self.evaluator.encoder
         set_seed(self.config.train.seed)  # the same initial adapters on every process
         self.model = self.method.prepare_model(self.loaded.model)
+        if self.init_adapter is not None:  # whole adapters, before anything is written (refusals)
+            adopt_init_adapter(self.init_adapter, self)
         if self.config.train.parallel == "fsdp":  # after prepare_model: its adapters stay whole
             distributed.shard_frozen_base(self.model, resolve_device(self.config.model.device))
         self.results = self._empty_results()
@@ -291,6 +305,14 @@ class ContinualRun:
     def finished(self) -> int:
         """Training steps (tasks, or the one joint training) finished and recorded."""
         return len(self.results["per_task"])
+
+    @property
+    def tasks_before(self) -> int:
+        """Tasks the method learnt before the run's first: 1 with an init adapter (its task 1, the run's task
+        0), else 0. The run's task i is the method's task i + tasks_before (`ctx.index`), seeded as such: as
+        in the run that trained task 0 first, so starting from its adapter changes no number (SLAO's λ(i),
+        IncLoRA's adapter names and every per-task seed are those of the longer run)."""
+        return 1 if self.init_adapter is not None else 0
 
     def resume(self) -> None:
         """Continue from the run directory's checkpoint (if any task had finished)."""
@@ -369,6 +391,8 @@ class ContinualRun:
             # what PEFT adapted: the configured names, or their per-architecture reading (T5: q, v)
             "lora_targets": target_modules(self.loaded.model, c.lora),
             "resumed_after": [],  # finished tasks at each --resume of this run
+            # {folder, sha256 of its weights}: the adapter the run started from, its task 0 (not evaluated)
+            "init_adapter": self.init_adapter.record() if self.init_adapter else None,
             "complete": False,
         }
 
@@ -399,11 +423,17 @@ class ContinualRun:
             scores[j] = outcome.score
         return scores, time.perf_counter() - start
 
-    def write_predictions(self, folder: Path) -> None:
+    def write_predictions(self, folder: Path, earlier: Sequence[dict[str, Any]] = ()) -> None:
         """predictions.jsonl in a training step's folder: every test example (validation example, with
         eval.split=validation) of every task the evaluation after that step scored (task, id, prediction,
-        references, score, metric), to see what was missed (`loracl show`)."""
-        records = [
+        references, score, metric), to see what was missed (`loracl show`); after the `earlier` records
+        (those of tasks the step's folder already holds, when `loracl continue` adds columns)."""
+        records = [*earlier, *self.prediction_records()]
+        distributed.on_main(lambda: write_jsonl_atomic(records, folder / PREDICTIONS))
+
+    def prediction_records(self) -> list[dict[str, Any]]:
+        """The records of predictions.jsonl for the last evaluation's outcomes."""
+        return [
             {"task": task.name, "id": k, "prediction": prediction, "references": list(example.answers),
              "score": value, "metric": self.evaluator.metric_of(task)}
             for j, outcome in sorted(self.outcomes.items())
@@ -412,15 +442,15 @@ class ContinualRun:
                 zip(self.evaluator.examples(task), outcome.predictions, outcome.example_scores, strict=True)
             )
         ]  # fmt: skip
-        distributed.on_main(lambda: write_jsonl_atomic(records, folder / PREDICTIONS))
 
     def tasks_to_evaluate(self, index: int) -> list[int] | None:
         """After training task `index` (1-based): None (every task), or with `eval.matrix: metrics` the
         0-based indices of the entries the metrics read, a[i][i] for BWT and a[i][i+1] for FWT (METHODS.md);
-        the last row is always complete (AP, BWT)."""
+        the last row is always complete (AP, BWT); with the forgetting guard on, every task learnt so far too
+        (the drop it measures reads a[index][j] for every j < index)."""
         if self.config.eval.matrix == "full" or index == len(self.tasks):
             return None
-        return [index - 1, index]
+        return [*range(index - 1 if self.versions.guarded else 0), index - 1, index]
 
     def zero_shot(self) -> None:
         """The base model's scores b_j (for FWT). With a `zero_shot_cache` folder (every cell of a `loracl
@@ -500,7 +530,7 @@ class ContinualRun:
         A method that does not train (`trains = False`) is evaluated once, on every task; the model never
         changes, so that row stands for every later step."""
         T = len(self.tasks)
-        ctx = self.context(index, task, f"{index}-{task.name}")
+        ctx = self.context(index + self.tasks_before, task, f"{index}-{task.name}")
         stats = self.train(ctx, f"task {index}/{T} {task.name}") if self.method.trains else None
         evaluated_now = True
         if self.method.trains:
@@ -590,7 +620,17 @@ class ContinualRun:
             f"{step} {name}: {trained}, eval {eval_seconds:.0f} s | "
             + " ".join(f"{t.name} {matrix_entry(s)}" for t, s in zip(self.tasks, scores, strict=True))
         )
+        self.keep_version(self.finished, name, scores)
         distributed.on_main(self.save_progress)
+
+    def keep_version(self, index: int, name: str, scores: list[float | None]) -> None:
+        """Keep the adapter after training step `index` as versions/v<index> and let the forgetting guard
+        decide whether adapter/ will serve it (loracl.outputs.versions). Before the step's checkpoint: a run
+        killed in between redoes the step at --resume and writes the same version again."""
+        learnt = len(self.tasks) if self.method.joint_training else index
+        guard = self.versions.guard_scores(self.evaluator, self.model, self.method, learnt)  # every process
+        kept = (self.method, self.model, index, name, scores, self.results, guard, self.config_digest)
+        distributed.on_main(lambda: self.versions.keep(*kept))
 
     def save_progress(self) -> None:
         """results.json and the checkpoint after the step just recorded (main process)."""
@@ -637,7 +677,8 @@ class ContinualRun:
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
         r = self.results
-        distributed.on_main(lambda: self.method.export(self.model, self.run_dir / "adapter"))
+        # adapter/ <- the promoted version; promoted_version and held_back on every process (the exit status)
+        r.update(distributed.on_main(lambda: self.versions.install(self.method, self.model)))
         sequential = not self.method.joint_training
         r["metrics"] = all_metrics(r["matrix"], r["zero_shot"], sequential=sequential)
         r["metrics_other_conventions"] = other_conventions(r["matrix"], sequential=sequential)
@@ -651,11 +692,12 @@ class ContinualRun:
         return r
 
     def write_outputs(self, results: dict[str, Any]) -> None:
-        card = model_card(results, self.loaded.path)  # over PEFT's empty template
+        card = version_card(model_card(results, self.loaded.path), self.run_dir)  # over PEFT's template
         (self.run_dir / "adapter" / "README.md").write_text(card, encoding="utf-8")
         plot_matrix(results, self.run_dir / "matrix.png")
         has_loss = plot_losses(results, self.run_dir, self.run_dir / LOSS_PLOT)  # from the train logs
-        write_report(results, self.run_dir / "report.md", LOSS_PLOT if has_loss else None)
+        loss_plot = LOSS_PLOT if has_loss else None
+        write_report(results, self.run_dir / "report.md", loss_plot, report_section(self.run_dir))
         write_json_atomic(results, self.run_dir / "results.json")  # last: "complete" means all is there
 
 
@@ -773,13 +815,14 @@ def prepare_run(
     """Check and load everything of a run, lock its directory and create it (unless resuming it);
     `run_all` does the rest (the model stays in memory on the returned object; `release` drops the lock).
 
-    Everything that can be checked (method options, data, output folder, model, LoRA targets) is checked
-    before the run directory is emptied or written, so bad input never leaves a half-written run behind,
-    nor destroys what was there."""
+    Everything that can be checked (method options, data, output folder, model, LoRA targets, the adapter
+    of lora.init_adapter: loracl.recipes.init_adapter) is checked before the run directory is emptied or
+    written, so bad input never leaves a half-written run behind, nor destroys what was there."""
     distributed.init()
     check_installed(config.tracking.report_to)  # a missing tracker package: refused before any loading
     method = create_method(config.method.name, config.method_options(), config.lora)
     check_parallel(config, method)
+    init_adapter = read_init_adapter(config, method)  # the method, folder, rank and alpha: before the model
     tasks = load_tasks(config)  # also names the benchmark detected from the data folder, for config.yaml
     run_dir = Path(output_dir or config.output_dir or default_run_dir(config))
     run_dir = distributed.broadcast_object(run_dir)  # the default name has the time: take the main's
@@ -799,7 +842,7 @@ def prepare_run(
                     quantization=config.model.quantization,
                 )
             check_lora_targets(loaded.model, config.lora)
-            cl = ContinualRun(config, method, tasks, loaded, run_dir, lock=lock)
+            cl = ContinualRun(config, method, tasks, loaded, run_dir, lock=lock, init_adapter=init_adapter)
         if not resume:
             distributed.on_main(lambda: write_config(prepare_run_dir(run_dir, overwrite), config))
     except BaseException:
@@ -811,6 +854,7 @@ def prepare_run(
         f" | model {config.model.name} on {next(loaded.model.parameters()).device}"
         + (f", {distributed.world_size()} processes" if distributed.active() else "")
         + (", frozen base sharded (FSDP)" if distributed.lockstep(cl.model) else "")
+        + (f"\nstarting from adapter {config.lora.init_adapter} (task 0)" if init_adapter else "")
     )
     return cl
 
