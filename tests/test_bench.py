@@ -80,6 +80,10 @@ def test_grid_writes_cells_and_tables_that_match_them(grid):
         assert results["complete"] and results["method"] == row["method"]
         assert results["tasks"] == row["order"].split("+") == row["tasks"].split("+")
         assert results["config"]["benchmark"]["max_train"] == 4
+        # a cell keeps its last adapter version only (bench sets versions.keep: 1)
+        assert results["config"]["versions"]["keep"] == 1
+        kept = [p.name for p in (grid / row["method"] / row["order"] / "versions").iterdir()]
+        assert kept == [f"v{len(results['matrix'])}"], kept
         assert row["status"] == "ok"
         for key in ("AP", "BWT", "FWT", "forgetting"):
             assert float(row[key]) == pytest.approx(results["metrics"][key])

@@ -43,7 +43,8 @@ BENCH_EPILOG = """examples:
       --tune 'train.lr=1e-4,3e-4,1e-3;method.lam=1,100' --select-on validation
   loracl bench --report-only runs/bench
 
-Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/. A cell whose results.json is
+Each cell (method, order) is an ordinary run directory, DIR/<method>/<order>/, keeping only its last adapter
+version (versions.keep: 1 unless the config or --set says otherwise). A cell whose results.json is
 complete and holds the same resolved config (up to output_dir, model.cache_dir and eval.matrix; a sparse
 matrix does not stand in for a full one) is skipped, so rerunning the same command resumes the grid.
 A failing cell is recorded (DIR/<method>/<order>/bench_error.txt) and reported; the others still run and

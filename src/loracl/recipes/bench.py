@@ -661,6 +661,9 @@ def run_grid(
     method_specs, order_specs = parse_grid(methods, orders)
     check_seeds(seed_list, method_specs, tuned)
     base = load_config_data(config_path, list(overrides))
+    # A cell is scored, not served: keep only its last adapter version unless the grid asks for more (a
+    # multi-adapter method's version k holds k LoRAs, so keeping all grows as T^2 over a Long grid).
+    base.setdefault("versions", {}).setdefault("keep", 1)
     command = bench_command(
         config_path, methods, orders, overrides, output, label, tune, select_on, seed_list
     )
