@@ -213,3 +213,16 @@ def test_cli_time_prints_a_figure_per_command():
         "loracl_benchmarks_s",
     }
     assert all(float(value) > 0 for value in figures.values())
+
+
+def test_folder_options_are_recorded_absolute(tmp_path, monkeypatch):
+    """--init-adapter, --guard-set and continue's --data-dir become absolute config values, so a --resume
+    (or continue) from another working directory finds the same folders."""
+    from loracl.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    run = build_parser().parse_args(["run", "--init-adapter", "a", "--guard-set", "g", "--set", "lora.r=4"])
+    adapter, guard = tmp_path / "a", tmp_path / "g"
+    assert run.overrides == [f'lora.init_adapter="{adapter}"', f'versions.guard_set="{guard}"', "lora.r=4"]
+    extend = build_parser().parse_args(["continue", "RUN", "--tasks", "t", "--data-dir", "d"])
+    assert extend.overrides == [f'benchmark.data_dir="{tmp_path / "d"}"']

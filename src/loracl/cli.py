@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import warnings
@@ -97,15 +98,17 @@ class _ConfigKey(argparse.Action):
     overrides so it reaches the config, config.yaml and --resume's check like any --set; the config
     validates the value (one line, exit status 2)."""
 
-    def __init__(self, *args, key: str, **kwargs) -> None:
+    def __init__(self, *args, key: str, folder: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.key = key
+        self.folder = folder  # a path: recorded absolute, so a --resume from elsewhere finds it
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
         from .outputs.deploy import assignment  # a quoted literal: a folder named `no` or holding ": "
 
-        setattr(namespace, self.dest, values)
-        namespace.overrides = [*namespace.overrides, assignment(self.key, values)]
+        value = os.path.abspath(values) if self.folder else values
+        setattr(namespace, self.dest, value)
+        namespace.overrides = [*namespace.overrides, assignment(self.key, value)]
 
 
 VERSIONS_EPILOG = f"""adapter versions (loracl.outputs.versions): the adapter after every finished task
@@ -144,6 +147,7 @@ def _versions_arguments(p: argparse.ArgumentParser) -> None:
         "--guard-set",
         action=_ConfigKey,
         key="versions.guard_set",
+        folder=True,
         metavar="DIR",
         help="measure the drop on DIR/<task>.jsonl (one per task, lines as the jsonl benchmark's test.jsonl) "
         "instead of the test sets (versions.guard_set)",
@@ -193,7 +197,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--init-adapter",
-        dest="init_adapter",
+        action=_ConfigKey,
+        key="lora.init_adapter",
+        folder=True,
         metavar="DIR",
         help="start from this PEFT LoRA folder, as the result of a task 0 that is not evaluated (its r, "
         "alpha, target modules and base model must be the run's); sets lora.init_adapter",
@@ -207,10 +213,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .config import load_config
 
-    if args.init_adapter is not None:  # an override like any --set: config.yaml and --resume's check see it
-        from loracl.outputs.deploy import assignment
-
-        args.overrides.append(assignment("lora.init_adapter", args.init_adapter))
     given = args.config is not None or args.overrides
     config = load_config(args.config, args.overrides) if given or not args.resume else None
     results = run(config, args.output, overwrite=args.overwrite, resume=args.resume)
@@ -243,7 +245,14 @@ def _add_continue(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", metavar="RUN", help="a run directory (finished, or interrupted)")
     p.add_argument("--tasks", required=True, help="comma-separated names of the tasks to append, in order")
-    p.add_argument("--data-dir", help="the run's data folder, if it moved")
+    p.add_argument(
+        "--data-dir",
+        action=_ConfigKey,
+        key="benchmark.data_dir",
+        folder=True,
+        metavar="DIR",
+        help="the run's data folder, if it moved",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -267,11 +276,8 @@ def _add_continue(sub: argparse._SubParsersAction) -> None:
 def _cmd_continue(args: argparse.Namespace) -> int:
     from loracl.recipes.extend import continue_run
 
-    overrides = list(args.overrides)
-    if args.data_dir is not None:
-        overrides.append(f"benchmark.data_dir={args.data_dir}")
     tasks = [name.strip() for name in args.tasks.split(",")]
-    results = continue_run(args.run_dir, tasks, overrides)
+    results = continue_run(args.run_dir, tasks, args.overrides)
     return HELD_BACK_EXIT if results.get("held_back") else 0  # as `loracl run`
 
 
