@@ -120,8 +120,11 @@ def check_lora_config(init: InitAdapter, lora: LoraSection) -> None:
     if variant is not None:
         raise AdapterMismatchError(f"{init.where}: a LoRA variant ({variant}) that this run does not train")
     if config["r"] != lora.r:
+        # the likeliest larger rank: a merging run's adapter/, its full-rank merge (METHODS.md), not a LoRA
+        # that run trained; that one is in its tasks/<k>-<task>/adapter_ft
+        hint = "; from a merging run, give its tasks/<k>-<task>/adapter_ft" if config["r"] > lora.r else ""
         raise AdapterMismatchError(
-            f"{init.where}: LoRA rank {config['r']}, but this run's lora.r is {lora.r}"
+            f"{init.where}: LoRA rank {config['r']}, but this run's lora.r is {lora.r}{hint}"
         )
     alpha = config.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha != lora.alpha:
