@@ -300,3 +300,17 @@ def test_an_init_adapter_run_resumes_to_the_same_end(runs: Runs, tmp_path: Path,
             a, b = ([{k: v for k, v in p.items() if k not in strip} for p in x] for x in (a, b))
         assert a == b, key
     assert_same_tensors(adapter_tensors(out), adapter_tensors(reference))
+
+
+def test_a_run_from_an_init_adapter_continues_as_the_longer_run(runs: Runs, tmp_path: Path) -> None:
+    """[t1] from task 0's adapter, then `loracl continue` with t2: the method's task numbering (tasks_before)
+    survives the extension, so the end is the run of [t0, t1, t2]."""
+    out = tmp_path / "grown"
+    init = str(runs.init("slao"))
+    assert main(runs.args("slao", TASKS[1:2], out, "--init-adapter", init)) == 0
+    assert main(["continue", str(out), "--tasks", "t2"]) == 0
+    full = results_of(runs.get("slao", "full"))
+    grown = results_of(out)
+    assert grown["tasks"] == ["t1", "t2"] and grown["matrix"][-1] == full["matrix"][-1][1:]
+    assert [p["final_loss"] for p in grown["per_task"]] == [p["final_loss"] for p in full["per_task"][1:]]
+    assert_same_tensors(adapter_tensors(runs.get("slao", "full")), adapter_tensors(out))

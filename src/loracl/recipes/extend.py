@@ -176,7 +176,7 @@ def checkpoint_version_or_none(run_dir: Path) -> None:
 def check_same_data(cl: ContinualRun, old_names: list[str]) -> None:
     """The old tasks' data files must hash as the run recorded them (provenance): a moved data folder is
     fine, other data would make the continued run a different sequence."""
-    recorded = cl_results_provenance(cl.run_dir)
+    recorded = recorded_data_hashes(cl.run_dir)
     if recorded is None:
         return  # a run from before provenance: nothing to compare with
     old_tasks = cl.tasks[: len(old_names)]
@@ -189,7 +189,7 @@ def check_same_data(cl: ContinualRun, old_names: list[str]) -> None:
         )
 
 
-def cl_results_provenance(run_dir: Path) -> set[str] | None:
+def recorded_data_hashes(run_dir: Path) -> set[str] | None:
     """The sha256 of every data file the run recorded reading, or None when it recorded none."""
     try:
         results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
