@@ -6,6 +6,9 @@ memory; evaluation is skipped (it does not change what is stored). Reported afte
   - adapter bytes: `method.adapter_bytes(model)`, the LoRA weights the deployed model carries;
   - state bytes: `method.state_bytes()`, what the method keeps between tasks beside them (SLAO: the previous
     fine-tuned and merged factors; InfLoRA/GainLoRA: input bases and gates);
+  - versions bytes: the sum of the adapter bytes after tasks 1..T, what `versions/v1..vT` hold when every
+    version is kept (`versions.keep` unset; loracl.outputs.versions): T x one adapter for SLAO, about T^2/2
+    adapters for the methods that add one LoRA per task;
   - peak memory during task T: on CUDA `torch.cuda.max_memory_allocated` (reset before the task); on CPU the
     process's peak resident set (VmHWM of /proc/self/status, reset before the task through
     /proc/self/clear_refs), which includes the model, Python and the allocator's caches.
@@ -74,12 +77,15 @@ def grow(args, name: str, tasks, checkpoints: tuple[int, ...]) -> dict[str, floa
     cl = ContinualRun(config, method, tasks, load(args), run_dir)
     device = model_device(cl.model)
     figures = {}
+    versions_bytes = 0
     for index, task in enumerate(tasks, start=1):
         ctx = cl.context(index, task, f"{index}-{task.name}")
         reset_peak(device)
         cl.train(ctx, f"{name} task {index}")
+        versions_bytes += method.adapter_bytes(cl.model)  # version `index`: the adapter served after it
         if index in checkpoints:
             figures[f"{name}_adapter_bytes_T{index}"] = method.adapter_bytes(cl.model)
+            figures[f"{name}_versions_bytes_T{index}"] = versions_bytes
             figures[f"{name}_state_bytes_T{index}"] = method.state_bytes()
             figures[f"{name}_peak_mib_T{index}"] = peak_mib(device)
             print(f"{name} T={index}: " + ", ".join(f"{k.split('_T')[0][len(name) + 1:]} {v:.0f}"
