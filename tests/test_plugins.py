@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_resume import SMALL  # two tasks of two training steps each
 
 from loracl.cli import main
 from loracl.config import LoraSection, load_config
@@ -40,14 +41,6 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "loracl_example_plugin"
 TINY = ROOT / "configs" / "tiny.yaml"
-SMALL = [  # two tasks of two training steps each (as tests/test_resume.py)
-    "benchmark.tasks=[dbpedia,amazon]",
-    "benchmark.max_train=8",
-    "benchmark.max_test=2",
-    "eval.zero_shot=false",
-    "eval.max_new_tokens=2",
-    "train.max_length=64",
-]
 HEAVY = ("torch", "transformers", "peft", "accelerate", "matplotlib")
 
 
