@@ -65,6 +65,16 @@ def test_adapter_growth_slao_flat_multi_lora_linear(capsys):
     assert figures["inc_lora_adapter_growth_T3_over_T1"] == 3
 
 
+def test_training_activations_do_not_grow_with_old_tasks(capsys):
+    """A training step keeps what its backward needs; frozen old tasks' branches (and GainLoRA's frozen gates)
+    need nothing per token. GainLoRA used to keep every old branch's gated output: +11 % per old task here."""
+    argv = ["--tasks", "1,3", "--methods", "gainlora,inc_lora", "--step-length", "96"] + TINY_CPU
+    figures = run_and_parse("adapter_growth", argv, capsys)
+    for name in ("gainlora", "inc_lora"):
+        first, third = figures[f"{name}_step_saved_mib_T1"], figures[f"{name}_step_saved_mib_T3"]
+        assert third < 1.02 * first, (name, first, third)
+
+
 def test_overhead_with_a_given_task_time(capsys):
     argv = ["--quick", "--sequences", "2,3", "--task-seconds", "10"] + TINY_CPU
     figures = run_and_parse("slao_overhead", argv, capsys)

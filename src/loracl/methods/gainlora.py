@@ -92,6 +92,7 @@ class GateBank(nn.Module):
         self.prompt_mask: torch.Tensor | None = None  # set by GainLoRA.step_context
         self.current: torch.Tensor | None = None  # gates of the batch being processed, B x T
         self.recorded: list[torch.Tensor] | None = None  # when a list: every prompt's gates are appended
+        self.pooled_trains = False  # whether p(x) of the batch being processed requires a gradient
         self._handles: list = []
 
     def add_gate(self, copy_previous: bool = False) -> None:
@@ -146,7 +147,9 @@ class GateBank(nn.Module):
             mask = self.prompt_mask if self.prompt_mask is not None else kwargs.get("attention_mask")
             if mask is None or mask.dim() != 2:
                 mask = torch.ones(embeds.shape[:2], device=embeds.device)
-            self.current = self(masked_mean(embeds, mask))
+            pooled = masked_mean(embeds, mask)
+            self.pooled_trains = pooled.requires_grad
+            self.current = self(pooled)
             if self.recorded is not None and not distributed.padding_pass():
                 self.recorded.append(self.current.detach())
 
@@ -158,11 +161,24 @@ class GateBank(nn.Module):
         """Scale the output of branch `adapter` per example by g_j."""
 
         def hook(_module, _args, output):
-            g = self.current[:, j].to(output.dtype)
+            g = self.current[:, j]
+            if not self.gate_trains(j):
+                # No gradient through g_j reaches a trainable parameter, but as a column of the stacked
+                # gates it still asks for one, and autograd would then keep this branch's whole output
+                # (B x T x out) until backward: about 280 MB per old branch at 8 x 384 tokens on
+                # SmolLM2-135M, 4 GB with 14 branches (benchmarks/gainlora_memory.py).
+                g = g.detach()
+            g = g.to(output.dtype)
             return output * g.view(-1, *([1] * (output.dim() - 1)))
 
         for layer in layer_map(model, adapter).values():
             self._handles.append(layer.lora_B[adapter].register_forward_hook(hook))
+
+    def gate_trains(self, j: int) -> bool:
+        """Whether a gradient of g_j can reach a trainable parameter: gate j's own, or the embeddings that
+        p(x) is computed from (frozen under LoRA, checked in case a user trains them)."""
+        own = any(p.requires_grad for p in self.mlps[j].parameters()) or self.keys[j].requires_grad
+        return own or self.pooled_trains
 
     @contextlib.contextmanager
     def prompt_only(self, mask: torch.Tensor) -> Iterator[None]:
