@@ -23,6 +23,7 @@ from transformers import set_seed
 from loracl.config import LoraSection, TrainSection
 from loracl.data import EXACT_MATCH, Example, Task, load_benchmark
 from loracl.data.text import Encoded, PromptEncoder
+from loracl.engine.allocator import fix_mmap_threshold
 from loracl.engine.training import train_task
 from loracl.errors import LoraclError
 from loracl.methods import ContinualMethod
@@ -42,6 +43,10 @@ def base_parser(description: str, default_model: str = SMOLLM2) -> argparse.Argu
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model", default=default_model, help="e.g. smollm2-135m, tiny-random-llama")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="base model dtype (default auto: bfloat16 on CUDA, float32 on CPU; the demo config: bfloat16)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=None, help="benchmark data folder (default: ../shared/data)")
@@ -54,7 +59,9 @@ def with_defaults(given: Sequence[int | None], defaults: Sequence[int]) -> list[
 
 
 def run_main(main: Callable[[list[str] | None], dict[str, float]]) -> None:
-    """Entry point of a script: user errors are one line on stderr and exit status 2."""
+    """Entry point of a script: user errors are one line on stderr and exit status 2. The allocator is set
+    up as `loracl`'s CLI sets it (loracl.engine.allocator), so that memory figures are those of a run."""
+    fix_mmap_threshold()
     try:
         main(None)
     except LoraclError as err:
@@ -130,11 +137,11 @@ def scratch_dir(prefix: str) -> Path:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    """The base model at the script's --model and --device (dtype auto: bf16 on CUDA, fp32 on CPU)."""
+    """The base model at the script's --model, --device and --dtype (auto: bf16 on CUDA, fp32 on CPU)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
