@@ -23,7 +23,6 @@ from transformers import set_seed
 from loracl.config import LoraSection, TrainSection
 from loracl.data import EXACT_MATCH, Example, Task, load_benchmark
 from loracl.data.text import Encoded, PromptEncoder
-from loracl.engine.allocator import fix_mmap_threshold
 from loracl.engine.training import train_task
 from loracl.errors import LoraclError
 from loracl.methods import ContinualMethod
@@ -59,9 +58,7 @@ def with_defaults(given: Sequence[int | None], defaults: Sequence[int]) -> list[
 
 
 def run_main(main: Callable[[list[str] | None], dict[str, float]]) -> None:
-    """Entry point of a script: user errors are one line on stderr and exit status 2. The allocator is set
-    up as `loracl`'s CLI sets it (loracl.engine.allocator), so that memory figures are those of a run."""
-    fix_mmap_threshold()
+    """Entry point of a script: user errors are one line on stderr and exit status 2."""
     try:
         main(None)
     except LoraclError as err:

@@ -839,9 +839,6 @@ def _quiet_library_noise() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_library_noise()
-    from .engine.allocator import fix_mmap_threshold  # ctypes only: the CLI stays quick to start
-
-    fix_mmap_threshold()  # CPU training: freed activations go back to the system (loracl.engine.allocator)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:

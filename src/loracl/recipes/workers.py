@@ -22,7 +22,6 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from loracl.engine.allocator import fix_mmap_threshold
 from loracl.engine.interrupt import requested_signal, stop_on_signals
 from loracl.errors import RunInterrupted
 from loracl.locking import FolderBusy, busy_owner
@@ -65,7 +64,6 @@ def _worker(run_cell: RunCell, job: Job, threads: int | None) -> None:
     """A worker process's body: run one cell with its output in the cell's log; the exit code says how."""
     import torch
 
-    fix_mmap_threshold()  # a fresh interpreter, not started through the CLI's main
     if threads:
         torch.set_num_threads(threads)
     if busy_owner(job.path):  # another bench runs this cell: its log is not ours to truncate
