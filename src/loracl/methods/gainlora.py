@@ -165,8 +165,8 @@ class GateBank(nn.Module):
             if not self.gate_trains(j):
                 # No gradient through g_j reaches a trainable parameter, but as a column of the stacked
                 # gates it still asks for one, and autograd would then keep this branch's whole output
-                # (B x T x out) until backward: about 280 MB per old branch at 8 x 384 tokens on
-                # SmolLM2-135M, 4 GB with 14 branches (benchmarks/gainlora_memory.py).
+                # (B x T x out) until backward: about 270 MiB per old branch at 8 x 384 tokens on
+                # SmolLM2-135M in float32 (benchmarks/adapter_growth.py, step_saved_mib).
                 g = g.detach()
             g = g.to(output.dtype)
             return output * g.view(-1, *([1] * (output.dim() - 1)))
