@@ -155,6 +155,25 @@ def test_zero_shot_cache_key_and_entries(tmp_path):
     assert runner.read_zero_shot(entry, tasks) is None
 
 
+def test_each_call_reports_its_own_grid_when_another_shares_the_folder(grid_copy, monkeypatch, capsys):
+    """Two calls on one folder (one order each, to use two cores): the later one rewrites bench.json when it
+    starts, yet the earlier one's report is of the grid it ran."""
+    run_cells = bench.run_cells
+
+    def another_call_starts(cells, heads, jobs):
+        bench.write_manifest(grid_copy, "other", "loracl bench (another call)", [], None, ["slao"], ["x+y"])
+        return run_cells(cells, heads, jobs)
+
+    monkeypatch.setattr(bench, "run_cells", another_call_starts)
+    assert main(bench_args(grid_copy, orders="COPA+SST-2")) == 0
+    manifest = json.loads((grid_copy / "bench.json").read_text())
+    assert manifest["orders"] == ["COPA+SST-2"] and len(manifest["cells"]) == 2
+    assert "2/2 cells finished" in capsys.readouterr().out
+    assert [(r["method"], r["order"]) for r in read_csv(grid_copy / "bench.csv")] == [
+        ("slao", "COPA+SST-2"), ("seq_lora", "COPA+SST-2")
+    ]
+
+
 def test_jobs_must_be_positive(tmp_path, no_runs, capsys):
     assert main([*bench_args(tmp_path / "out"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err and no_runs == []

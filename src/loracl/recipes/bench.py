@@ -677,6 +677,9 @@ def run_grid(
     write_manifest(output, label, command, cells, selection, *grid)
     heads = [f"[cell {n}/{len(cells)}] {c.where}" for n, c in enumerate(cells, 1)]
     busy += run_cells(cells, heads, jobs)
+    # Another call on this folder (one order each, say, to use more cores) rewrites bench.json when it
+    # starts; write ours again so that this call reports the grid it ran.
+    write_manifest(output, label, command, cells, selection, *grid)
     results = write_bench_report(output)
     if busy:
         raise CellsBusy(
