@@ -357,6 +357,22 @@ def test_report_means_spreads_and_paper_numbers(tmp_path):
     assert "| slao | yes | continual | 75.0 ± 7.1 |" in (tmp_path / "bench.md").read_text()
 
 
+def test_paper_numbers_stand_beside_a_tuned_method_but_not_beside_a_variant(tmp_path):
+    metrics = {"AP": 70.0, "BWT": -1.0, "FWT": 1.0, "forgetting": None}
+    tuned = fake_cell(tmp_path, "slao", "order1", metrics)
+    variant = fake_cell(tmp_path / "variant", "slao", "order1", metrics)
+    entries = [{**tuned, "method": "slao:train.lr=3e-3"},
+               {**variant, "method": "slao:schedule=inv", "path": "variant/slao/order1"}]
+    manifest = {"label": "hand-made", "command": "loracl bench ...", "orders": ["order1"], "cells": entries,
+                "methods": [e["method"] for e in entries]}
+    (tmp_path / "bench.json").write_text(json.dumps(manifest))
+    write_bench_report(tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    row = "| {} | yes | continual | 70.0 | -1.0 | 1.0 | n/a | 70.0–70.0 | 1/1 | {} |"
+    assert row.format("slao:train.lr=3e-3", "80.4") in table  # the paper's method at another rate
+    assert row.format("slao:schedule=inv", "–") in table  # a variant the paper did not report
+
+
 def test_the_report_does_not_contradict_itself(tmp_path):
     """Orders that are no benchmark family of the paper: bench.md says there are no paper numbers and shows
     none (no column, no table); means equal at the table's precision are one rank, `=`, not `80.0 > 80.0`."""

@@ -1052,6 +1052,16 @@ def paper_family(orders: Sequence[str], benchmark: str) -> str | None:
     return None
 
 
+def paper_ap(method: str, family: str | None) -> float | None:
+    """The paper's AP beside a grid method, or None. A spec with its own config keys (`slao:train.lr=3e-3`) is
+    still the paper's method (the paper tunes each method's rate too); one with method options
+    (`slao:schedule=inv`) is a variant the paper did not report."""
+    spec = parse_method(method)
+    if family is None or spec.options:
+        return None
+    return PAPER_RESULTS.get(spec.name, {}).get(family, {}).get("AP")
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -1125,7 +1135,7 @@ def summary_table(manifest: dict[str, Any], cells: list[CellResult], family: str
             + f" | {span} | {done}/{len(group) or expected} |"  # no cell: not chosen yet
         )
         if family:
-            paper = PAPER_RESULTS.get(method, {}).get(family, {}).get("AP")
+            paper = paper_ap(method, family)
             row += f" {_fmt(paper)} |" if paper is not None else " – |"
         lines.append(row)
     return "\n".join(lines)
@@ -1665,7 +1675,7 @@ def bench_figure(
                 capsize=3,
                 label=f"_{key} interval",  # a leading _: not in the legend
             )
-    paper = [(i, PAPER_RESULTS.get(m, {}).get(family or "", {}).get("AP")) for i, m in enumerate(methods)]
+    paper = [(i, paper_ap(m, family)) for i, m in enumerate(methods)]
     paper = [(i - width, ap) for i, ap in paper if ap is not None]
     if paper:
         ax.scatter(*zip(*paper, strict=True), marker="D", color="black", zorder=3,
